@@ -1,0 +1,9 @@
+"""lmkernels: fused kernels, data/tensor parallelism and a thin trainer for GPT training."""
+from lmkernels._extension import build_info, load_extension
+
+load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
+
+from lmkernels import ops  # noqa: E402  (registers the Python-side ops: fakes, Triton, autograd)
+from lmkernels.ops import fused_adamw_  # noqa: E402
+
+__all__ = ["build_info", "fused_adamw_", "ops"]

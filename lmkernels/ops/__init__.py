@@ -1,0 +1,5 @@
+"""Fused ops: one file per op (public function, torch.library registration, fake impl,
+autograd, backend choice). Importing this package registers them all."""
+from lmkernels.ops.adamw import fused_adamw_
+
+__all__ = ["fused_adamw_"]

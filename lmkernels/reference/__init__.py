@@ -1,0 +1,1 @@
+"""Pure-PyTorch references the tests compare the kernels against."""

@@ -1,0 +1,1 @@
+"""@triton.jit kernels only; the ops in lmkernels/ops/ launch them."""
