@@ -26,12 +26,12 @@ def want_cuda() -> bool:
 def extension():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    cxx = opt + ["-fopenmp"]  # the C++ standard: whatever torch.utils.cpp_extension picks for this torch
     cxx += sources.cpu_arch_flags()
     srcs = sources.cpp_sources()
     if want_cuda():
         srcs += sources.cuda_sources()
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         include_dirs = sources.extra_cuda_include_dirs()
         # Recorded in build_info; '+' separates archs so the value survives as one macro token.
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch-default").replace(";", "+").replace(" ", "+")
