@@ -75,6 +75,13 @@ at::Device check_adamw_args(const AdamWArgs& a) {
 
 namespace {
 void fused_adamw_check(LMK_ADAMW_PARAMS) { check_adamw_args(LMK_ADAMW_ARGS); }
+
+// A sparse tensor anywhere sends the call to the Sparse* keys: answer with the checks' message
+// (which names the sparse argument) instead of the dispatcher's "could not run".
+void fused_adamw_sparse(LMK_ADAMW_PARAMS) {
+  check_adamw_args(LMK_ADAMW_ARGS);
+  TORCH_CHECK(false, "fused_adamw_: sparse tensors are not supported");
+}
 }  // namespace
 
 }  // namespace lmk
@@ -101,3 +108,6 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
 TORCH_LIBRARY_IMPL(lmkernels, CompositeExplicitAutograd, m) {
   m.impl("fused_adamw_check", &lmk::fused_adamw_check);
 }
+
+TORCH_LIBRARY_IMPL(lmkernels, SparseCPU, m) { m.impl("fused_adamw_", &lmk::fused_adamw_sparse); }
+TORCH_LIBRARY_IMPL(lmkernels, SparseCUDA, m) { m.impl("fused_adamw_", &lmk::fused_adamw_sparse); }
