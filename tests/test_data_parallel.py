@@ -162,6 +162,8 @@ def _grad_cases(case_names, steps=2):
         ddp = _ddp(copy.deepcopy(model), case)
         nparams = len({id(p) for p in model.parameters() if p.requires_grad})
         assert sum(len(b) for b in ours.bucket_layout) == nparams  # tied weight counted once
+        assert "frozen" not in sum(ours.bucket_layout, [])  # requires_grad=False: left out
+        initial_layout = ours.bucket_layout
         for step in range(steps):
             idx, tgt = _batch(step, 6 * world * micro)
             my_idx, my_tgt = _shard(idx, rank, world), _shard(tgt, rank, world)
@@ -182,6 +184,12 @@ def _grad_cases(case_names, steps=2):
                 for b in ours._buckets:  # .grad are views of the buckets (no copies)
                     for p, v in zip(b.params, b.views):
                         assert p.grad is None or p.grad.data_ptr() == v.data_ptr()
+        if case["name"] == "one param per bucket":
+            # Filled in reverse registration order, then rebuilt once in the order gradients
+            # arrived: the unused branch (registered last, never ready) moves to the end.
+            names = [n for n, p in ours.module.named_parameters() if p.requires_grad]
+            assert initial_layout == [[n] for n in reversed(names)], initial_layout
+            assert ours.bucket_layout[-1][0].startswith("unused.") and ours.bucket_layout != initial_layout
         tl = ours.last_timeline
         assert tl.backward_end is not None and tl.buckets and tl.exposed_comm() >= 0
         assert len(tl.buckets) == len(ours.bucket_layout)
