@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from _dist import DistributedTestError, run_distributed
+from tests._dist import DistributedTestError, run_distributed
 
 VOCAB, DIM, SEQ, HIDDEN = 37, 24, 9, 61
 
