@@ -4,6 +4,6 @@ from lmkernels._extension import build_info, load_extension
 load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
 
 from lmkernels import ops  # noqa: E402  (registers the Python-side ops: fakes, Triton, autograd)
-from lmkernels.ops import fused_adamw_  # noqa: E402
+from lmkernels.ops import attention, fused_adamw_  # noqa: E402
 
-__all__ = ["build_info", "fused_adamw_", "ops"]
+__all__ = ["attention", "build_info", "fused_adamw_", "ops"]
