@@ -198,7 +198,8 @@ def test_opcheck_cpu_ops():
         torch.library.opcheck(torch.ops.lmkernels.attention_fwd, args)
         out, lse = torch.ops.lmkernels.attention_fwd(*args)
         g = torch.randn_like(out)
-        bargs = (g, q, k, v, out.detach(), lse.detach(), torch.randn_like(lse), 0.25, causal, left, right)
+        bargs = (g.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                 torch.randn_like(lse), 0.25, causal, left, right)
         torch.library.opcheck(torch.ops.lmkernels.attention_bwd, bargs)
 
 
@@ -262,7 +263,9 @@ def test_triton_lse_gradient_and_opcheck():
     args = (q, k, v, 0.25, True, -1, -1)
     torch.library.opcheck(torch.ops.lmkernels.attention_fwd_triton, args)
     out, lse = torch.ops.lmkernels.attention_fwd_triton(*args)
-    bargs = (torch.randn_like(out), q, k, v, out.detach(), lse.detach(), None, 0.25, True, -1, -1)
+    # The backward is not itself differentiable (no double backward): plain tensors.
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+             None, 0.25, True, -1, -1)
     torch.library.opcheck(torch.ops.lmkernels.attention_bwd_triton, bargs)
 
 
