@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -111,22 +113,14 @@ inline Vec vexp(Vec x) {
 
 inline void fill(float* p, int64_t n, float v) { std::fill(p, p + n, v); }
 
-// x[a:b] *= scale; returns max(x[a:b]).
-inline float scale_and_max(float* x, int64_t a, int64_t b, float scale) {
-  const Vec vs(scale);
+// max(x[a:b])
+inline float row_max_range(const float* x, int64_t a, int64_t b) {
   Vec vmax(kNegInf);
   int64_t c = a;
-  for (; c + Vec::size() <= b; c += Vec::size()) {
-    Vec v = Vec::loadu(x + c) * vs;
-    v.store(x + c);
-    vmax = at::vec::maximum(vmax, v);
-  }
+  for (; c + Vec::size() <= b; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c));
   float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
                                            vmax);
-  for (; c < b; ++c) {
-    x[c] *= scale;
-    m = std::max(m, x[c]);
-  }
+  for (; c < b; ++c) m = std::max(m, x[c]);
   return m;
 }
 
@@ -154,13 +148,20 @@ inline void scale_row(float* x, int64_t n, float s) {
   at::vec::map([s](Vec v) { return v * Vec(s); }, x, x, n);
 }
 
-// Tile sizes (rows x keys). Forward: BQ x BK scores (64 KB at 64 x 256) plus the K and V
-// tiles stay in L2; measured on Zen 3 at T=512..1024, D=64 (see bench/results/attention-cpu.md).
+// Tile sizes. Forward: BQ x BK scores (128 KB at 64 x 512) plus the K and V tiles stay in
+// the 512 KB L2 of Zen 3; 64 x 512 beat 64 x 256, 128 x 512 and 32 x 512 at T=512, D=64
+// fp32 (2 threads). Backward: BQ query rows against all their keys (bwd_k unused).
 struct Blocks {
   int64_t fwd_q, fwd_k, bwd_q, bwd_k;
 };
 inline Blocks choose_blocks(int64_t D) {
-  return D <= 64 ? Blocks{64, 256, 64, 128} : Blocks{64, 128, 32, 128};
+  // LMK_ATTN_BLOCKS="fwd_q,fwd_k,bwd_q" overrides (for tuning runs).
+  static const char* env = std::getenv("LMK_ATTN_BLOCKS");
+  if (env != nullptr) {
+    Blocks b{64, 256, 64, 0};
+    if (std::sscanf(env, "%ld,%ld,%ld", &b.fwd_q, &b.fwd_k, &b.bwd_q) == 3) return b;
+  }
+  return D <= 64 ? Blocks{64, 512, 64, 0} : Blocks{64, 256, 32, 0};
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -181,13 +182,15 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 
   at::parallel_for(0, B * H * nq, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s_buf(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
-    std::vector<float> q_buf(kFast ? BQ * D : 0), k_buf(kFast ? BK * D : 0),
-        v_buf(kFast ? BK * D : 0);
+    std::vector<float> q_buf(BQ * D), k_buf(kFast ? BK * D : 0), v_buf(kFast ? BK * D : 0);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * BQ, b = bh / H, h = bh % H;
       const int64_t rows = std::min(BQ, T - i0);
       const int64_t kv_off = (b * Hkv + h / group) * S * D;
-      const float* q_tile = as_float(Q + (bh * T + i0) * D, rows * D, q_buf.data());
+      // Q * scale once per block, so the scores come out of the GEMM already scaled.
+      const float* q_src = as_float(Q + (bh * T + i0) * D, rows * D, q_buf.data());
+      at::vec::map([scale](Vec x) { return x * Vec(scale); }, q_buf.data(), q_src, rows * D);
+      const float* q_tile = q_buf.data();
       fill(row_max.data(), rows, kNegInf);
       fill(row_sum.data(), rows, 0.f);
       fill(acc.data(), rows * D, 0.f);
@@ -208,7 +211,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
             continue;
           }
           const float m_old = row_max[r];
-          const float m_new = std::max(m_old, scale_and_max(srow, a, e, scale));
+          const float m_new = std::max(m_old, row_max_range(srow, a, e));
           const float sum = exp_and_sum<kFast>(srow, a, e, 1.f, m_new);
           fill(srow, a, 0.f);
           fill(srow + e, cols - e, 0.f);
