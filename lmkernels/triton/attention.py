@@ -50,8 +50,9 @@ _AUTOTUNE_KEY = ["T", "S", "D", "GROUP", "LEFT", "RIGHT"]
 # choices); the backward splits into narrow-M dK/dV and narrow-N dQ programs. Two configs per
 # head-dim class keep first-call compile + tuning short (the GPU check has ~90 s).
 _FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 4, 3)], [(64, 64, 4, 2), (64, 32, 4, 2)])
-_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3)], [(32, 64, 4, 2), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3)], [(64, 32, 4, 2), (64, 16, 4, 2)])
+# D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill the registers.
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3)], [(32, 32, 8, 1), (16, 32, 4, 1)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3)], [(32, 32, 8, 1), (64, 32, 8, 1)])
 
 
 @triton.jit
