@@ -166,12 +166,16 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tensor_parallel_region(out, self.tp_group)
 
 
+def _at_least_fp32(t):
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, ignore_index):
         # logits: (N, V / tp) this rank's vocabulary slice; targets: (N,) global ids
         ctx.logits_dtype = logits.dtype
-        logits = logits.float()
+        logits = _at_least_fp32(logits)
         v_local = logits.size(-1)
         start = _rank(group) * v_local
         row_max = logits.max(dim=-1).values
@@ -206,7 +210,7 @@ def vocab_parallel_cross_entropy(logits, targets, tp_group, ignore_index: int = 
     """Mean cross-entropy of (N, V / tp) vocabulary-sharded logits against (N,) targets; the full
     (N, V) logits never exist on one rank. Targets equal to ignore_index count for nothing."""
     if _size(tp_group) == 1:
-        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+        return F.cross_entropy(_at_least_fp32(logits), targets, ignore_index=ignore_index)
     return _VocabParallelCrossEntropy.apply(logits, targets, tp_group, ignore_index)
 
 

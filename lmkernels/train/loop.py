@@ -49,12 +49,13 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 def setup_distributed(cfg: TrainConfig):
     """Initializes torch.distributed under torchrun (gloo on CPU, NCCL on GPU); returns the mesh
     and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialized = dist.is_available() and dist.is_initialized()  # e.g. by a test harness
+    world = dist.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA device; use device=cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = local_rank_of_process()
     if want_cuda:
         device = torch.device(cfg.device if ":" in cfg.device else f"cuda:{local_rank}")
         torch.cuda.set_device(device)
@@ -63,6 +64,12 @@ def setup_distributed(cfg: TrainConfig):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return mesh_lib.init_mesh(cfg.tp, device.type), device
+
+
+def local_rank_of_process() -> int:
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def peak_flops_per_device(device: torch.device, dtype: torch.dtype) -> float:
@@ -111,7 +118,7 @@ def train(cfg: TrainConfig) -> list:
     out_dir = Path(cfg.out_dir)
 
     # data: local rank 0 tokenizes into the cache while the others wait, then all open it
-    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    local_main = local_rank_of_process() == 0
     if not local_main:
         ckpt_lib._barrier()
     data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, cfg.data_cache or None, verbose=mesh.is_main)
