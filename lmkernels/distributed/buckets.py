@@ -1,0 +1,86 @@
+"""Gradient buckets: which parameters share a flat buffer, and the buffers themselves.
+
+A bucket holds parameters of one dtype and device. Its `grads` buffer is flat and each
+parameter's `.grad` is a view into it (gradient_as_bucket_view); `comm` is the buffer the
+all-reduce runs on: `grads` itself, or a separate buffer in `reduce_dtype` (or, without views,
+the place the gradients are packed into).
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+
+def assign_buckets(
+    params: Sequence[torch.Tensor], bucket_cap_bytes: int, first_bucket_cap_bytes: int,
+) -> list[list[int]]:
+    """Groups parameter indices into buckets, filling in the given order (as DDP does).
+
+    Each (dtype, device) has its own open bucket; a bucket closes once its size reaches its
+    limit (first_bucket_cap_bytes for the first bucket of a kind, bucket_cap_bytes after), so
+    a bucket may exceed the limit by one parameter and a cap of 0 gives one parameter per
+    bucket. Buckets come out ordered by their first parameter's position in `params`, which
+    is the order they become ready in backward when `params` is in ready order."""
+    open_buckets: dict = {}
+    closed: list[list[int]] = []
+    for i, p in enumerate(params):
+        key = (p.dtype, p.device)
+        indices, size, limit = open_buckets.get(key, ([], 0, first_bucket_cap_bytes))
+        indices.append(i)
+        size += p.numel() * p.element_size()
+        if size >= limit:
+            closed.append(indices)
+            open_buckets[key] = ([], 0, bucket_cap_bytes)
+        else:
+            open_buckets[key] = (indices, size, limit)
+    closed += [indices for indices, _, _ in open_buckets.values() if indices]
+    closed.sort(key=lambda b: b[0])
+    return closed
+
+
+@dataclass(eq=False)
+class Bucket:
+    index: int
+    params: list[torch.Tensor]
+    names: list[str]
+    grads: torch.Tensor                 # flat, params' dtype; params' .grad are views into it
+    comm: torch.Tensor                  # what the all-reduce runs on (may be `grads` itself)
+    views: list[torch.Tensor]           # views[i] is grads[offsets[i]:...] shaped like params[i]
+    offsets: list[int]
+    pending: int = 0                    # gradients still to arrive in this iteration
+    work: Optional[object] = None       # the in-flight all-reduce
+    launched: bool = False
+    finalized: bool = False
+    launch_time: float = 0.0
+    done_time: list = field(default_factory=list)  # filled by the all-reduce's future callback
+
+    def reset(self) -> None:
+        self.pending = len(self.params)
+        self.work = None
+        self.launched = False
+        self.finalized = False
+        self.done_time = []
+
+
+def make_bucket(index: int, params: list[torch.Tensor], names: list[str],
+                reduce_dtype: Optional[torch.dtype], as_view: bool) -> Bucket:
+    """Allocates the bucket's buffers. With `as_view` the current gradients are copied in and
+    the parameters' `.grad` become views of the buffer."""
+    dtype, device = params[0].dtype, params[0].device
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += p.numel()
+    grads = torch.zeros(total, dtype=dtype, device=device)
+    views = [grads[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+    wire = reduce_dtype or dtype
+    comm = grads if as_view and wire == dtype else torch.empty(total, dtype=wire, device=device)
+    if as_view:
+        with torch.no_grad():
+            for p, v in zip(params, views):
+                if p.grad is not None:
+                    v.copy_(p.grad)
+                    p.grad = v
+    bucket = Bucket(index, params, names, grads, comm, views, offsets)
+    bucket.reset()
+    return bucket

@@ -1,0 +1,551 @@
+"""BucketedDataParallel: data parallelism whose gradient all-reduce overlaps backward.
+
+    model = BucketedDataParallel(GPT(cfg).to(device), bucket_cap_mb=25)
+    loss = model(x, y); loss.backward()        # buckets are all-reduced while backward runs
+    optimizer.step()                           # waits for what is still in flight, then steps
+
+How it works (the same on NCCL and gloo):
+  * Parameters that require grad (tied ones once) are grouped into buckets in reverse
+    registration order (the order backward produces them), with a small first bucket. Each
+    bucket owns a flat gradient buffer and every parameter's `.grad` is a view into it.
+  * A post-accumulate-grad hook counts a bucket's gradients; when its last one has arrived the
+    bucket's all-reduce is launched asynchronously (buckets launch in index order, so every
+    rank issues the same collectives in the same order). The average is ReduceOp.AVG where the
+    backend has it (NCCL), otherwise a 1/world_size scale fused into the pack/cast op.
+  * Nothing waits in backward. finish_gradient_sync() waits for what is still in flight and
+    casts / unpacks the results; every torch.optim optimizer's step() calls it first (a global
+    step pre-hook), so a plain training loop needs no extra call.
+  * After the first synchronized iteration the buckets are rebuilt once in the order the
+    gradients actually arrived (rank 0's order, broadcast), as DDP does.
+"""
+import contextlib
+import copy
+import time
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmkernels.distributed.buckets import Bucket, assign_buckets, make_bucket
+from lmkernels.distributed.timeline import BucketEvent, StepTimeline
+from lmkernels.ops.bucket import bucket_pack_, bucket_scale_, bucket_unpack_
+
+__all__ = ["BucketedDataParallel"]
+
+_REDUCE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+# Names an optimizer may use for a gradient-clipping request (FusedAdamW: max_grad_norm).
+_CLIP_KEYS = ("max_grad_norm", "clip_grad_norm", "grad_clip", "clip_norm")
+# Device types each backend can reduce on.
+_BACKEND_DEVICES = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}, "mpi": {"cpu", "cuda"}}
+
+_LIVE: "weakref.WeakSet[BucketedDataParallel]" = weakref.WeakSet()
+_IN_OVERLAP_STEP = False  # set while a bucket's optimizer step runs (no re-entry into finish)
+
+
+def _finish_before_step(optimizer, args, kwargs):
+    """Global optimizer step pre-hook: gradients must be fully reduced before any step."""
+    if _IN_OVERLAP_STEP:
+        return
+    for ddp in list(_LIVE):
+        if ddp._in_flight and not ddp._in_backward:
+            ddp.finish_gradient_sync()
+
+
+_HOOK_HANDLE = None
+
+
+def _install_step_hook():
+    global _HOOK_HANDLE
+    if _HOOK_HANDLE is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _HOOK_HANDLE = register_optimizer_step_pre_hook(_finish_before_step)
+
+
+def _supported_device_types(group) -> Optional[set]:
+    backend = str(dist.get_backend(group)).lower()
+    types: set = set()
+    for part in backend.split(","):
+        if ":" in part:  # "cpu:gloo,cuda:nccl"
+            types.add(part.split(":")[0].strip())
+        elif part.strip() in _BACKEND_DEVICES:
+            types |= _BACKEND_DEVICES[part.strip()]
+        else:
+            return None  # a backend we do not know: trust the user
+    return types
+
+
+class BucketedDataParallel(nn.Module):
+    """Wraps `module` for data-parallel training over `process_group` (default: WORLD).
+
+    Arguments follow torch.nn.parallel.DistributedDataParallel where the idea is the same:
+    bucket_cap_mb / first_bucket_cap_mb: bucket sizes in MiB (a cap of 0: one parameter per
+    bucket). reduce_dtype: dtype on the wire (float32 to reduce bf16/fp16 gradients in fp32,
+    bfloat16 to compress fp32 gradients); None: the gradients' dtype. broadcast_buffers:
+    broadcast rank 0's buffers before each forward. find_unused_parameters: allow parameters
+    that get no gradient (otherwise an error names them). gradient_as_bucket_view: `.grad` are
+    views of the buckets (no copies); False packs and unpacks with the multi-tensor ops.
+    overlap_optimizer: an optimizer over (some of) the module's parameters whose step runs per
+    bucket as soon as that bucket's all-reduce completes; its own step() then only finishes
+    what is left. record_timeline: keep a cheap per-step record (see `last_timeline`).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        process_group=None,
+        *,
+        bucket_cap_mb: float = 25,
+        first_bucket_cap_mb: float = 1,
+        reduce_dtype: Optional[torch.dtype] = None,
+        broadcast_buffers: bool = True,
+        find_unused_parameters: bool = False,
+        gradient_as_bucket_view: bool = True,
+        overlap_optimizer: Optional[torch.optim.Optimizer] = None,
+        record_timeline: bool = True,
+    ):
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("BucketedDataParallel needs torch.distributed initialized "
+                               "(launch with torchrun and call dist.init_process_group first)")
+        if bucket_cap_mb < 0 or first_bucket_cap_mb < 0:
+            raise ValueError(f"bucket_cap_mb and first_bucket_cap_mb must be >= 0; got "
+                             f"{bucket_cap_mb} and {first_bucket_cap_mb}")
+        if reduce_dtype not in _REDUCE_DTYPES:
+            raise ValueError(f"reduce_dtype must be one of {_REDUCE_DTYPES}; got {reduce_dtype}")
+        self.module = module
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self.rank = dist.get_rank(self.process_group)
+        self.bucket_cap_mb = bucket_cap_mb
+        self.first_bucket_cap_mb = first_bucket_cap_mb
+        self.reduce_dtype = reduce_dtype
+        self.broadcast_buffers = broadcast_buffers
+        self.find_unused_parameters = find_unused_parameters
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.record_timeline = record_timeline
+
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # tied: once
+        if not named:
+            raise ValueError("BucketedDataParallel: the module has no parameter that requires grad")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self.device = self._check_device()
+        backend = str(dist.get_backend(self.process_group)).lower()
+        # NCCL averages inside the reduction; gloo has no AVG, so we pre-scale by 1/world.
+        self._reduce_op = dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM
+        self._prescale = 1.0 if backend == "nccl" else 1.0 / self.world_size
+
+        self._sync_module_states()
+        # Reverse registration order: roughly the order backward produces the gradients.
+        self._build_buckets(list(reversed(range(len(self._params)))))
+        self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i))
+                       for i, p in enumerate(self._params)]
+        self._rebuilt = False
+        self._require_sync = True
+        self._reset_iteration()
+        self._used = [False] * len(self._params)  # got a gradient since the last sync
+        self.last_timeline: Optional[StepTimeline] = None
+        self._timeline = StepTimeline()
+
+        self.overlap_optimizer = overlap_optimizer
+        if overlap_optimizer is not None:
+            self._setup_overlap_optimizer(overlap_optimizer)
+        _LIVE.add(self)
+        _install_step_hook()
+
+    # ----------------------------------------------------------------------------- setup
+    def _check_device(self) -> torch.device:
+        device = self._params[0].device
+        for n, p in zip(self._names, self._params):
+            if p.device != device:
+                raise ValueError(f"BucketedDataParallel: all parameters must be on one device; "
+                                 f"'{self._names[0]}' is on {device} but '{n}' is on {p.device}")
+        supported = _supported_device_types(self.process_group)
+        backend = dist.get_backend(self.process_group)
+        if supported is not None and device.type not in supported:
+            raise ValueError(f"BucketedDataParallel: the module is on {device} but the process "
+                             f"group's backend '{backend}' reduces tensors on {sorted(supported)}; "
+                             "move the module to a matching device or use a matching backend")
+        if device.type == "cuda" and "nccl" in str(backend).lower():
+            current = torch.cuda.current_device()
+            if device.index != current:
+                raise ValueError(f"BucketedDataParallel: the module is on {device} but this rank's "
+                                 f"current CUDA device is cuda:{current}, which NCCL uses; call "
+                                 "torch.cuda.set_device(local_rank) before building the model")
+        return device
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self, tensors: list) -> None:
+        if self.world_size == 1 or not tensors:
+            return
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
+        groups: dict = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for group in groups.values():
+            flat = torch._utils._flatten_dense_tensors([t.detach() for t in group])
+            dist.broadcast(flat, src, group=self.process_group)
+            for t, f in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                t.copy_(f)
+
+    def _sync_module_states(self) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        params = list(self.module.parameters())  # also those that do not require grad
+        self._broadcast_from_rank0(params + list(self.module.buffers()))
+
+    def _build_buckets(self, order: list) -> None:
+        """(Re)creates the buckets, filling them with parameters in `order` (indices)."""
+        mib = 1024 * 1024
+        groups = assign_buckets([self._params[i] for i in order], int(self.bucket_cap_mb * mib),
+                                int(self.first_bucket_cap_mb * mib))
+        self._buckets: list[Bucket] = []
+        self._bucket_of = [0] * len(self._params)
+        self._slot_of = [0] * len(self._params)
+        for b, members in enumerate(groups):
+            idx = [order[m] for m in members]
+            for slot, i in enumerate(idx):
+                self._bucket_of[i] = b
+                self._slot_of[i] = slot
+            self._buckets.append(make_bucket(b, [self._params[i] for i in idx],
+                                             [self._names[i] for i in idx], self.reduce_dtype,
+                                             self.gradient_as_bucket_view))
+        self._order = list(order)
+
+    def _reset_iteration(self) -> None:
+        self._ready = [False] * len(self._params)
+        self._ready_order: list = []
+        self._next_launch = 0
+        self._next_finalize = 0
+        self._in_flight = False
+        self._in_backward = False
+        self._used_work = None
+        self._used_map = None
+        for b in self._buckets:
+            b.reset()
+
+    # ------------------------------------------------------------------------- public
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradients of backward passes inside this context accumulate locally (no
+        communication); the first backward outside it reduces the accumulated sum."""
+        before = self._require_sync
+        self._require_sync = False
+        try:
+            yield
+        finally:
+            self._require_sync = before
+
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self.world_size > 1:
+            self._broadcast_from_rank0(list(self.module.buffers()))
+        if self._in_flight and torch.is_grad_enabled():
+            # Its backward would accumulate into buffers whose all-reduce is still running.
+            raise RuntimeError(f"BucketedDataParallel: forward with grad enabled while the previous "
+                               f"backward's gradients are still being synchronized. {_AGAIN}")
+        syncing = self._require_sync and torch.is_grad_enabled()
+        if syncing and self.record_timeline and not self._in_flight:
+            self._timeline = StepTimeline(forward_start=time.perf_counter())
+        out = self.module(*args, **kwargs)
+        if syncing and self.record_timeline:
+            # The module output's gradient marks the start of backward (cheap, host clock).
+            first = next((t for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if first is not None:
+                timeline = self._timeline
+                first.register_hook(lambda g: setattr(timeline, "backward_start", time.perf_counter()))
+        return out
+
+    def finish_gradient_sync(self) -> None:
+        """Waits for every bucket still in flight and writes the averaged gradients (casting
+        back from reduce_dtype, unpacking without views, stepping the overlap optimizer).
+        A no-op when nothing is in flight; optimizers call it before their step."""
+        if not self._in_flight:
+            return
+        if self._in_backward:
+            raise RuntimeError("BucketedDataParallel.finish_gradient_sync() was called while "
+                               "backward is still running")
+        if self._next_launch < len(self._buckets):
+            missing = [b.names for b in self._buckets[self._next_launch:]]
+            self._reset_iteration()
+            raise RuntimeError(f"BucketedDataParallel: backward ended with buckets never launched "
+                               f"(parameters {missing}); the iteration's gradients are incomplete")
+        for bucket in self._buckets[self._next_finalize:]:
+            self._finalize(bucket)
+        self._next_finalize = len(self._buckets)
+        if self._used_work is not None:
+            self._used_work.wait()
+            for i in torch.nonzero(self._used_map == 0).flatten().tolist():
+                self._params[i].grad = None  # unused on every rank: no gradient, as in DDP
+        timeline = self._timeline
+        if self.record_timeline:
+            timeline.sync_end = time.perf_counter()
+            self.last_timeline = timeline
+            self._timeline = StepTimeline()
+        first_iteration = not self._rebuilt
+        order = self._ready_order
+        self._reset_iteration()
+        if first_iteration:
+            self._rebuild_buckets(order)
+
+    def verify_replicas(self) -> None:
+        """Raises if any rank's parameters differ from the others' (bit-exact checksums)."""
+        sums = torch.stack([_checksum(p.detach()) for p in self.module.parameters()])
+        sums = sums.to(self.device)
+        high, low = sums.clone(), sums.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.process_group)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.process_group)
+        names = [n for n, _ in self.module.named_parameters()]
+        bad = [names[i] for i in torch.nonzero(high != low).flatten().tolist()]
+        if bad:
+            raise RuntimeError(f"BucketedDataParallel.verify_replicas: parameters differ across "
+                               f"ranks: {bad}")
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Finishes the sync, then clips the (identical on every rank) averaged gradients."""
+        if self.overlap_optimizer is not None:
+            raise RuntimeError(_CLIP_REFUSAL)
+        self.finish_gradient_sync()
+        return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type)
+
+    @property
+    def bucket_layout(self) -> list:
+        """Parameter names per bucket, in launch order."""
+        return [list(b.names) for b in self._buckets]
+
+    # ------------------------------------------------------------------- the hook path
+    def _make_hook(self, i: int):
+        def hook(param: torch.Tensor) -> None:
+            self._on_grad_ready(i)
+        return hook
+
+    def _adopt_grad(self, i: int) -> bool:
+        """Makes params[i].grad the bucket view (copying a gradient autograd put elsewhere,
+        e.g. after zero_grad(set_to_none=True)). False if there is no gradient."""
+        p = self._params[i]
+        g = p.grad
+        if g is None:
+            return False
+        bucket = self._buckets[self._bucket_of[i]]
+        view = bucket.views[self._slot_of[i]]
+        if g.data_ptr() != view.data_ptr():
+            with torch.no_grad():
+                view.copy_(g)
+            p.grad = view
+        return True
+
+    def _on_grad_ready(self, i: int) -> None:
+        if self.gradient_as_bucket_view:
+            self._adopt_grad(i)
+        self._used[i] = True
+        if not self._require_sync:
+            return
+        if self._ready[i]:
+            self._raise_twice(i)
+        if not self._in_backward:
+            self._in_backward = True
+            self._in_flight = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        self._ready[i] = True
+        self._ready_order.append(i)
+        bucket = self._buckets[self._bucket_of[i]]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+            self._poll()
+
+    def _raise_twice(self, i: int) -> None:
+        raise RuntimeError(
+            f"BucketedDataParallel: parameter '{self._names[i]}' received a gradient twice in one "
+            f"iteration. {_AGAIN}")
+
+    def _on_backward_end(self) -> None:
+        self._in_backward = False
+        if self.record_timeline:
+            self._timeline.backward_end = time.perf_counter()
+        missing = [i for i, r in enumerate(self._ready) if not r]
+        if missing:
+            unused = [self._names[i] for i in missing if not self._used[i]]
+            if unused and not self.find_unused_parameters:
+                self._reset_iteration()  # lets the user fix the model and try again
+                raise RuntimeError(
+                    f"BucketedDataParallel: parameters received no gradient in this iteration: "
+                    f"{unused}. Make sure every parameter that requires grad takes part in the "
+                    "loss, or pass find_unused_parameters=True (or set requires_grad=False).")
+            for i in missing:
+                self._mark_absent_ready(i)
+            self._launch_ready()
+        if self.find_unused_parameters:
+            self._used_map = torch.tensor([int(u) for u in self._used], dtype=torch.int32,
+                                          device=self.device)
+            self._used_work = dist.all_reduce(self._used_map, group=self.process_group,
+                                              async_op=True)
+        self._used = [False] * len(self._params)
+        self._poll()
+
+    def _mark_absent_ready(self, i: int) -> None:
+        """A parameter with no gradient from this backward: reduce what its .grad holds (an
+        earlier no_sync micro-batch's gradient), or zeros."""
+        p = self._params[i]
+        bucket = self._buckets[self._bucket_of[i]]
+        if self.gradient_as_bucket_view:
+            if not self._adopt_grad(i):
+                bucket.views[self._slot_of[i]].zero_()
+        elif p.grad is None:
+            p.grad = torch.zeros_like(p)
+        self._ready[i] = True
+        self._ready_order.append(i)
+        bucket.pending -= 1
+
+    def _launch_ready(self) -> None:
+        """Launches ready buckets in index order: every rank issues the same collectives in
+        the same order even if its gradients arrive in a different one."""
+        while self._next_launch < len(self._buckets) and self._buckets[self._next_launch].pending == 0:
+            self._launch(self._buckets[self._next_launch])
+            self._next_launch += 1
+
+    def _bucket_grads(self, bucket: Bucket) -> list:
+        grads = []
+        for p in bucket.params:
+            if p.grad is None:  # no gradient on this rank (find_unused_parameters)
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        return grads
+
+    def _launch(self, bucket: Bucket) -> None:
+        launch = time.perf_counter()
+        if not self.gradient_as_bucket_view:
+            bucket_pack_(self._bucket_grads(bucket), bucket.comm, self._prescale)
+        elif bucket.comm is not bucket.grads:
+            bucket_pack_([bucket.grads], bucket.comm, self._prescale)  # cast to reduce_dtype
+        elif self._prescale != 1.0:
+            bucket_scale_([bucket.grads], self._prescale)
+        bucket.work = dist.all_reduce(bucket.comm, op=self._reduce_op, group=self.process_group,
+                                      async_op=True)
+        bucket.launched = True
+        bucket.launch_time = launch
+        if self.record_timeline and bucket.comm.device.type == "cpu":
+            done = bucket.done_time
+            bucket.work.get_future().then(lambda fut: done.append(time.perf_counter()))
+
+    def _poll(self) -> None:
+        """Finalizes (in order) the buckets whose all-reduce already completed, so casts and
+        overlapped optimizer steps run while backward continues."""
+        while (self._next_finalize < self._next_launch
+               and self._buckets[self._next_finalize].work.is_completed()):
+            self._finalize(self._buckets[self._next_finalize])
+            self._next_finalize += 1
+
+    def _finalize(self, bucket: Bucket) -> None:
+        if bucket.finalized:
+            return
+        bucket.work.wait()
+        if not self.gradient_as_bucket_view:
+            bucket_unpack_(bucket.comm, [p.grad for p in bucket.params], 1.0)
+        elif bucket.comm is not bucket.grads:
+            bucket_unpack_(bucket.comm, [bucket.grads], 1.0)  # cast back from reduce_dtype
+        bucket.finalized = True
+        if self.record_timeline:
+            done = bucket.done_time[0] if bucket.done_time else time.perf_counter()
+            self._timeline.buckets.append(BucketEvent(
+                bucket.index, bucket.comm.numel(), bucket.comm.numel() * bucket.comm.element_size(),
+                bucket.launch_time, done))
+        if self.overlap_optimizer is not None:
+            self._step_bucket(bucket)
+
+    # --------------------------------------------------------------- bucket rebuilding
+    def _rebuild_buckets(self, ready_order: list) -> None:
+        """Once, after the first synchronized iteration: refill the buckets in the order the
+        gradients arrived (rank 0's order, so every rank builds the same layout)."""
+        self._rebuilt = True
+        seen = set(ready_order)
+        order = list(ready_order) + [i for i in reversed(range(len(self._params))) if i not in seen]
+        order_t = torch.tensor(order, dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
+            dist.broadcast(order_t, src, group=self.process_group)
+        order = order_t.tolist()
+        if order == self._order:
+            return
+        self._build_buckets(order)
+        for b in self._buckets:
+            b.reset()
+        if self.overlap_optimizer is not None:
+            self._bucket_groups = [self._groups_for(b) for b in self._buckets]
+
+    # ------------------------------------------------------------ overlapped optimizer
+    def _setup_overlap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for key in _CLIP_KEYS:
+                value = group.get(key, optimizer.defaults.get(key))
+                if value is not None and value is not False and value != 0:
+                    raise ValueError(f"{_CLIP_REFUSAL} (the optimizer has {key}={value})")
+        mine = {id(p) for p in self._params}
+        self._opt_index = {}
+        for g, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) in mine:
+                    self._opt_index[id(p)] = g
+        self._bucket_groups = [self._groups_for(b) for b in self._buckets]
+        # A view of the optimizer that steps one bucket: same state, a subset of the params.
+        sub = copy.copy(optimizer)
+        sub._optimizer_step_pre_hooks = OrderedDict()
+        sub._optimizer_step_post_hooks = OrderedDict()
+        self._sub_optimizer = sub
+        step_all = type(optimizer).step
+
+        def overlapped_step(closure=None):
+            if closure is not None:
+                raise ValueError("overlap_optimizer: step(closure) is not supported (the step "
+                                 "runs per bucket during backward)")
+            # Steps the buckets still in flight; the others were stepped already.
+            self.finish_gradient_sync()
+            return None
+
+        # The user's optimizer.step() only finishes the sync; the real steps are per bucket.
+        optimizer.step = overlapped_step
+        self._step_all = step_all
+
+    def _groups_for(self, bucket: Bucket) -> list:
+        by_group: dict = {}
+        for p in bucket.params:
+            g = self._opt_index.get(id(p))
+            if g is not None:
+                by_group.setdefault(g, []).append(p)
+        return sorted(by_group.items())
+
+    def _step_bucket(self, bucket: Bucket) -> None:
+        global _IN_OVERLAP_STEP
+        groups = self._bucket_groups[bucket.index]
+        if not groups:
+            return
+        opt, sub = self.overlap_optimizer, self._sub_optimizer
+        # Current hyperparameters (an LR scheduler may have changed them) with this bucket's params.
+        sub.param_groups = [{**opt.param_groups[g], "params": ps} for g, ps in groups]
+        _IN_OVERLAP_STEP = True
+        try:
+            self._step_all(sub)
+        finally:
+            _IN_OVERLAP_STEP = False
+
+
+_AGAIN = ("Backward ran (or is about to run) again before the previous gradients were "
+          "synchronized: call optimizer.step() (or model.finish_gradient_sync()) between "
+          "backward passes, and accumulate micro-batches under model.no_sync().")
+_CLIP_REFUSAL = ("BucketedDataParallel(overlap_optimizer=...) cannot clip gradients: clipping "
+                 "needs the global gradient norm, known only after every bucket's all-reduce, "
+                 "while the overlapped optimizer steps each bucket as soon as it is reduced. "
+                 "Use overlap_optimizer=None, call model.clip_grad_norm_(max_norm) and then "
+                 "optimizer.step()")
+
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """An int64 checksum of the tensor's bits, position-weighted so permutations differ."""
+    bits = t.contiguous().reshape(-1)
+    bits = bits.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
+    bits = bits.to(torch.int64)
+    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+    return (bits * weights).sum()
