@@ -104,6 +104,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
                           f"e.g. n_embd={cfg.n_head * max(cfg.n_embd // cfg.n_head, 1)}")
+    head_size = cfg.n_embd // cfg.n_head
+    if head_size % 8 or head_size > 256:
+        raise ConfigError(f"head size n_embd / n_head = {head_size} must be a multiple of 8 and at most 256 "
+                          f"(what lmkernels.attention supports)")
     if cfg.n_head % cfg.tp:
         raise ConfigError(f"tp ({cfg.tp}) must divide n_head ({cfg.n_head}): attention heads are split "
                           f"across tensor-parallel ranks")

@@ -234,7 +234,8 @@ def train(cfg: TrainConfig) -> list:
             tp_lib.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # under DP the gradients are views into the all-reduce buckets: zero them in place
+        optimizer.zero_grad(set_to_none=ddp_model is model)
         loss_value = mean_over_dp(loss_sum)  # also waits for the device: the step is done
         dt = time.perf_counter() - t0
         tok_s = tokens_per_iter / dt
