@@ -155,8 +155,9 @@ def train(cfg: TrainConfig) -> list:
         start_iter, best_val = resume["iter_num"], resume["best_val_loss"]
         say(f"resumed from {ckpt_lib.latest_checkpoint(cfg.out_dir)} at iteration {start_iter}")
         del resume
-    ddp_model = wrap_data_parallel(model, mesh)
-    forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    if cfg.compile:
+        model.compile()  # in place: state_dict names and the DP wrapper see the same module
+    ddp_model = forward = wrap_data_parallel(model, mesh)
     block_size = model_args["block_size"]
     sampler = BatchSampler(data, block_size, cfg.batch_size, cfg.seed, mesh.dp_rank, mesh.dp_size)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size * mesh.dp_size
