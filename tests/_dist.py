@@ -42,8 +42,11 @@ def _entry(fn, rank, world_size, port, backend, args, kwargs, num_threads, timeo
                                 timeout=datetime.timedelta(seconds=timeout))
         try:
             value = fn(*args, **kwargs)
-        finally:
+        except BaseException:  # noqa: BLE001 - reported before teardown, so the root cause
+            results.put((rank, False, traceback.format_exc()))  # arrives before its echoes
             dist.destroy_process_group()
+            return
+        dist.destroy_process_group()
         results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
@@ -114,7 +117,19 @@ def run_distributed(
                             "without reporting a result")
                 continue
             if not ok:
-                raise DistributedTestError(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{value}")
+                # Other ranks usually fail in turn (a peer left a collective): gather their
+                # reports briefly, root cause (the first report) first.
+                errors = [(rank, value)]
+                grace = time.monotonic() + 1.0
+                while time.monotonic() < grace:
+                    try:
+                        r, ok2, v = results.get(timeout=max(0.0, grace - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if not ok2:
+                        errors.append((r, v))
+                text = "\n".join(f"--- rank {r} of {world_size} ---\n{v}" for r, v in errors)
+                raise DistributedTestError(f"{fn.__name__} failed on rank {rank} of {world_size}:\n{text}")
             done[rank] = value
         finished = True
     finally:

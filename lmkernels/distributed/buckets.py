@@ -46,8 +46,10 @@ class Bucket:
     grads: torch.Tensor                 # flat, params' dtype; params' .grad are views into it
     comm: torch.Tensor                  # what the all-reduce runs on (may be `grads` itself)
     views: list[torch.Tensor]           # views[i] is grads[offsets[i]:...] shaped like params[i]
+    # (without bucket views: grads is comm, the buffer gradients are packed into; no views)
     offsets: list[int]
     pending: int = 0                    # gradients still to arrive in this iteration
+    absent: bool = False                # a parameter got no gradient from this backward
     work: Optional[object] = None       # the in-flight all-reduce
     launched: bool = False
     finalized: bool = False
@@ -56,6 +58,7 @@ class Bucket:
 
     def reset(self) -> None:
         self.pending = len(self.params)
+        self.absent = False
         self.work = None
         self.launched = False
         self.finalized = False
@@ -71,10 +74,15 @@ def make_bucket(index: int, params: list[torch.Tensor], names: list[str],
     for p in params:
         offsets.append(total)
         total += p.numel()
+    wire = reduce_dtype or dtype
+    if not as_view:  # gradients stay autograd's tensors: only the buffer they are packed into
+        comm = torch.empty(total, dtype=wire, device=device)
+        bucket = Bucket(index, params, names, comm, comm, [], offsets)
+        bucket.reset()
+        return bucket
     grads = torch.zeros(total, dtype=dtype, device=device)
     views = [grads[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
-    wire = reduce_dtype or dtype
-    comm = grads if as_view and wire == dtype else torch.empty(total, dtype=wire, device=device)
+    comm = grads if wire == dtype else torch.empty(total, dtype=wire, device=device)
     if as_view:
         with torch.no_grad():
             for p, v in zip(params, views):

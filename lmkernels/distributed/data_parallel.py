@@ -224,6 +224,7 @@ class BucketedDataParallel(nn.Module):
         self._in_backward = False
         self._used_work = None
         self._used_map = None
+        self._deferred_steps: list = []
         for b in self._buckets:
             b.reset()
 
@@ -280,6 +281,8 @@ class BucketedDataParallel(nn.Module):
             self._used_work.wait()
             for i in torch.nonzero(self._used_map == 0).flatten().tolist():
                 self._params[i].grad = None  # unused on every rank: no gradient, as in DDP
+        for bucket in self._deferred_steps:
+            self._step_bucket(bucket)  # the optimizer skips parameters whose grad is None
         timeline = self._timeline
         if self.record_timeline:
             timeline.sync_end = time.perf_counter()
@@ -399,6 +402,7 @@ class BucketedDataParallel(nn.Module):
         self._ready[i] = True
         self._ready_order.append(i)
         bucket.pending -= 1
+        bucket.absent = True
 
     def _launch_ready(self) -> None:
         """Launches ready buckets in index order: every rank issues the same collectives in
@@ -454,7 +458,12 @@ class BucketedDataParallel(nn.Module):
                 bucket.index, bucket.comm.numel(), bucket.comm.numel() * bucket.comm.element_size(),
                 bucket.launch_time, done))
         if self.overlap_optimizer is not None:
-            self._step_bucket(bucket)
+            if bucket.absent and self.find_unused_parameters:
+                # Which of its parameters are unused on every rank (and must not be stepped
+                # at all) is known only once the used-map all-reduce is done.
+                self._deferred_steps.append(bucket)
+            else:
+                self._step_bucket(bucket)
 
     # --------------------------------------------------------------- bucket rebuilding
     def _rebuild_buckets(self, ready_order: list) -> None:
@@ -542,10 +551,15 @@ _CLIP_REFUSAL = ("BucketedDataParallel(overlap_optimizer=...) cannot clip gradie
                  "optimizer.step()")
 
 
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """An int64 checksum of the tensor's bits, position-weighted so permutations differ."""
-    bits = t.contiguous().reshape(-1)
-    bits = bits.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
-    bits = bits.to(torch.int64)
-    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-    return (bits * weights).sum()
+def _checksum(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """An int64 checksum of the tensor's bits, position-weighted so permutations differ
+    (integer sums wrap exactly, so the result is independent of summation order). Works in
+    chunks so a large parameter needs little temporary memory."""
+    flat = t.contiguous().reshape(-1)
+    flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, flat.numel(), chunk):
+        bits = flat[start:start + chunk].to(torch.int64)
+        weights = torch.arange(start, start + bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
+        total += (bits * weights).sum()
+    return total

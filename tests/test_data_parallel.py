@@ -1,0 +1,448 @@
+"""BucketedDataParallel on gloo with 2 and 3 local processes, against torch DDP and against the
+single-process full-batch gradients.
+
+Each spawned run checks many cases (process start-up costs seconds on a small machine).
+Tolerance, per gradient tensor: the error against the full-batch float64 gradient may be at
+most twice the larger error of the baselines computed the same way (DDP with the same bucket
+cap / compression; single-process full batch in the model's dtype), with a floor of one unit
+of rounding of the gradient's dtype at its magnitude.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from _dist import DistributedTestError, run_distributed
+
+VOCAB, DIM, SEQ, HIDDEN = 37, 24, 9, 61
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.ln2 = nn.LayerNorm(DIM)
+        self.fc = nn.Linear(DIM, HIDDEN)
+        self.out = nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x):  # x: (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, 2, C // 2).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """Tied embedding / LM head, an unused branch, a frozen parameter, a buffer, and
+    parameters of uneven sizes (37x24, 61x24, 24, 1, ...)."""
+
+    def __init__(self, unused_branch=True):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, DIM)
+        self.wpe = nn.Embedding(SEQ, DIM)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.ln_f = nn.LayerNorm(DIM)
+        self.gate = nn.Parameter(torch.ones(1))
+        self.frozen = nn.Parameter(torch.randn(DIM), requires_grad=False)
+        self.register_buffer("pos", torch.arange(SEQ))
+        self.unused = nn.Linear(DIM, 5) if unused_branch else None
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+
+    def forward(self, idx, targets):  # idx, targets: (B, T)
+        x = self.wte(idx) + self.wpe(self.pos[: idx.shape[1]]) + self.frozen
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x) * self.gate)  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1))
+
+
+def _batch(step, global_batch):
+    g = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, VOCAB, (global_batch, SEQ), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def _shard(t, rank, world):
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]
+
+
+def _grads(model):
+    return {n: (None if p.grad is None else p.grad.detach().clone())
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _full_batch_grads(model, idx, tgt, dtype):
+    m = copy.deepcopy(model).to(dtype)
+    for p in m.parameters():
+        p.grad = None
+    m(idx, tgt).backward()
+    return _grads(m)
+
+
+def _check_close(case, ours, baselines, ref64):
+    """ours / baselines: {name: grad}; ref64: the full-batch float64 gradients."""
+    assert ours.keys() == ref64.keys(), (case, sorted(ours), sorted(ref64))
+    for name, r in ref64.items():
+        if r is None:
+            assert ours[name] is None, f"{case}: {name} should have no gradient (unused)"
+            for b in baselines:
+                assert b[name] is None
+            continue
+        assert ours[name] is not None, f"{case}: {name} has no gradient"
+        err = (ours[name].double() - r).abs().max().item()
+        base = max((b[name].double() - r).abs().max().item() for b in baselines)
+        floor = torch.finfo(ours[name].dtype).eps * r.abs().max().item()
+        assert err <= 2 * base + floor, (
+            f"{case}: {name}: error {err:.3e} vs baselines' {base:.3e} (floor {floor:.1e})")
+
+
+def _bf16_compress_hook(group, bucket):
+    """torch's default_hooks.bf16_compress_hook (which refuses gloo): divide, compress to
+    bf16, all-reduce, decompress."""
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size())
+    fut = dist.all_reduce(compressed, async_op=True).get_future()
+
+    def decompress(fut):
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return fut.then(decompress)
+
+
+def _ddp(model, case):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, bucket_cap_mb=case.get("bucket_cap_mb", 25),
+              find_unused_parameters=case.get("find_unused_parameters", False))
+    if case.get("reduce_dtype") == torch.bfloat16 and case.get("dtype", torch.float32) == torch.float32:
+        ddp.register_comm_hook(None, _bf16_compress_hook)
+    return ddp
+
+
+GRAD_CASES = [
+    dict(name="one param per bucket", bucket_cap_mb=0, first_bucket_cap_mb=0, find_unused_parameters=True),
+    dict(name="small buckets", bucket_cap_mb=0.004, first_bucket_cap_mb=0.001, find_unused_parameters=True),
+    dict(name="one bucket", bucket_cap_mb=1000, first_bucket_cap_mb=1000, find_unused_parameters=True),
+    dict(name="no unused branch", bucket_cap_mb=0.004, unused_branch=False),
+    dict(name="no_sync accumulation", bucket_cap_mb=0.004, find_unused_parameters=True, micro_batches=3),
+    dict(name="without bucket views", bucket_cap_mb=0.004, find_unused_parameters=True,
+         gradient_as_bucket_view=False, micro_batches=2),
+    dict(name="bf16 on the wire", bucket_cap_mb=0.004, find_unused_parameters=True,
+         reduce_dtype=torch.bfloat16),
+    dict(name="bf16 model reduced in fp32", bucket_cap_mb=0.004, find_unused_parameters=True,
+         dtype=torch.bfloat16, reduce_dtype=torch.float32),
+]
+
+
+def _grad_cases(case_names, steps=2):
+    """Runs every named case for `steps` iterations (the second after the bucket rebuild)."""
+    from lmkernels.distributed import BucketedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {}
+    for case in [c for c in GRAD_CASES if c["name"] in case_names]:
+        dtype = case.get("dtype", torch.float32)
+        micro = case.get("micro_batches", 1)
+        torch.manual_seed(rank)  # different on each rank: construction must broadcast rank 0's
+        model = TinyGPT(case.get("unused_branch", True)).to(dtype)
+        kwargs = {k: case[k] for k in ("bucket_cap_mb", "first_bucket_cap_mb", "reduce_dtype",
+                                       "find_unused_parameters", "gradient_as_bucket_view") if k in case}
+        ours = BucketedDataParallel(model, **kwargs)
+        start = copy.deepcopy(model)  # rank 0's parameters on every rank
+        ddp = _ddp(copy.deepcopy(model), case)
+        nparams = len({id(p) for p in model.parameters() if p.requires_grad})
+        assert sum(len(b) for b in ours.bucket_layout) == nparams  # tied weight counted once
+        for step in range(steps):
+            idx, tgt = _batch(step, 6 * world * micro)
+            my_idx, my_tgt = _shard(idx, rank, world), _shard(tgt, rank, world)
+            for m in (ours, ddp):
+                m.zero_grad(set_to_none=(step == 0))
+                for k in range(micro):
+                    mb = slice(k * 6, (k + 1) * 6)
+                    ctx = m.no_sync() if k < micro - 1 else torch.enable_grad()
+                    with ctx:
+                        (m(my_idx[mb], my_tgt[mb]) / micro).backward()
+            ours.finish_gradient_sync()
+            # The full batch in one process: float64 (the reference) and the model's dtype.
+            ref64 = _full_batch_grads(start, idx, tgt, torch.float64)
+            single = _full_batch_grads(start, idx, tgt, dtype)
+            got = _grads(ours.module)
+            _check_close(f"{case['name']} step {step}", got, [_grads(ddp.module), single], ref64)
+            if case.get("gradient_as_bucket_view", True):
+                for b in ours._buckets:  # .grad are views of the buckets (no copies)
+                    for p, v in zip(b.params, b.views):
+                        assert p.grad is None or p.grad.data_ptr() == v.data_ptr()
+        tl = ours.last_timeline
+        assert tl.backward_end is not None and tl.buckets and tl.exposed_comm() >= 0
+        assert len(tl.buckets) == len(ours.bucket_layout)
+        report[case["name"]] = ours.bucket_layout
+    return report
+
+
+def _training(steps=4):
+    """Plain mode (optimizer.step() finishes the sync through the global hook), overlapped
+    optimizer mode, and the single-process full-batch run, over several AdamW steps."""
+    from lmkernels.distributed import BucketedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    base = TinyGPT(unused_branch=False)
+    plain = BucketedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.004)
+    overlap_model = copy.deepcopy(base)
+    overlap_opt = torch.optim.AdamW(overlap_model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    overlapped = BucketedDataParallel(overlap_model, bucket_cap_mb=0.004, overlap_optimizer=overlap_opt)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    single = copy.deepcopy(plain.module).double()
+    single_opt = torch.optim.AdamW(single.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    ddp = _ddp(copy.deepcopy(plain.module), dict(bucket_cap_mb=0.004))
+    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    stepped_early = steps_checked = 0
+    for step in range(steps):
+        idx, tgt = _batch(step, 4 * world)
+        mine = _shard(idx, rank, world), _shard(tgt, rank, world)
+        for model, opt in ((plain, plain_opt), (overlapped, overlap_opt), (single, single_opt),
+                           (ddp, ddp_opt)):
+            opt.zero_grad()
+            (model(*mine) if model is not single else model(idx, tgt)).backward()
+            if model is overlapped:  # buckets reduced during backward were stepped already
+                stepped_early += sum(b.finalized for b in overlapped._buckets)
+            opt.step()
+        for (n, p), q in zip(plain.module.named_parameters(), overlapped.module.parameters()):
+            assert torch.equal(p, q), f"step {step}: overlapped optimizer differs from plain at {n}"
+        plain.verify_replicas()
+        overlapped.verify_replicas()
+        steps_checked += 1
+    # With unused parameters (find_unused_parameters) the overlapped mode still equals the
+    # plain mode: parameters unused on every rank are not stepped at all.
+    torch.manual_seed(7)
+    base = TinyGPT()
+    models, opts = [], []
+    for overlap in (False, True):
+        m = copy.deepcopy(base)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+        models.append(BucketedDataParallel(m, bucket_cap_mb=0.004, find_unused_parameters=True,
+                                           overlap_optimizer=opt if overlap else None))
+        opts.append(opt)
+    for step in range(2):
+        idx, tgt = _batch(step, 4 * world)
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
+            opt.step()
+        for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
+            assert torch.equal(p, q), f"find_unused step {step}: overlapped differs from plain at {n}"
+    assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
+    # Bitwise identical on every rank (verify_replicas, and a direct comparison).
+    flat = torch.cat([p.detach().reshape(-1) for p in plain.module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, flat) for g in gathered)
+    # As close to single-process full-batch float64 training as DDP is (per tensor, 2x rule).
+    for (n, p), q, r in zip(plain.module.named_parameters(), ddp.module.parameters(), single.parameters()):
+        err, base = (p.double() - r).abs().max().item(), (q.double() - r).abs().max().item()
+        assert err <= 2 * base + torch.finfo(p.dtype).eps * r.abs().max().item(), (n, err, base)
+    # verify_replicas notices a rank that diverged, and names the parameter.
+    if rank == 1:
+        with torch.no_grad():
+            plain.module.blocks[0].fc.bias[3] += 1e-3
+    try:
+        plain.verify_replicas()
+        diverged = None
+    except RuntimeError as e:
+        diverged = str(e)
+    assert diverged is not None and "blocks.0.fc.bias" in diverged, diverged
+    # stepped_early: buckets whose optimizer step ran before backward returned (timing-dependent).
+    return {"steps_checked": steps_checked, "stepped_early": stepped_early}
+
+
+def _expect(fn, exc, *fragments):
+    try:
+        fn()
+    except exc as e:
+        missing = [f for f in fragments if f not in str(e)]
+        assert not missing, f"error message lacks {missing}: {e}"
+        return
+    raise AssertionError(f"expected {exc.__name__} mentioning {fragments}")
+
+
+def _error_cases():
+    from lmkernels.distributed import BucketedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    idx, tgt = _batch(0, 4 * world)
+    mine = _shard(idx, rank, world), _shard(tgt, rank, world)
+
+    # 1. An unused parameter without find_unused_parameters: the error names it.
+    model = BucketedDataParallel(TinyGPT(), bucket_cap_mb=0.004)
+    _expect(lambda: model(*mine).backward(), RuntimeError, "unused.weight", "unused.bias",
+            "find_unused_parameters=True")
+    # Nothing hangs and no stale state is left: a fixed model trains on.
+    fixed = BucketedDataParallel(TinyGPT(unused_branch=False), bucket_cap_mb=0.004)
+    fixed(*mine).backward()
+    fixed.finish_gradient_sync()
+
+    # 2. A module on a device the process group does not reduce on, or on two devices.
+    on_meta = TinyGPT().to("meta")
+    _expect(lambda: BucketedDataParallel(on_meta), ValueError, "meta", "gloo")
+    split = TinyGPT()
+    split.ln_f.to("meta")
+    _expect(lambda: BucketedDataParallel(split), ValueError, "one device", "ln_f.weight")
+
+    # 3. Backward twice without a step: a second forward/backward, or retain_graph.
+    ddp = BucketedDataParallel(TinyGPT(unused_branch=False), bucket_cap_mb=0.004)
+    ddp(*mine).backward()
+    _expect(lambda: ddp(*mine), RuntimeError, "finish_gradient_sync", "no_sync")
+    ddp.finish_gradient_sync()
+    loss = ddp(*mine)
+    loss.backward(retain_graph=True)
+    _expect(lambda: loss.backward(), RuntimeError, "twice")
+    ddp.finish_gradient_sync()
+    ddp.finish_gradient_sync()  # nothing in flight: a no-op
+    ddp(*mine).backward()       # and training goes on
+    ddp.finish_gradient_sync()
+
+    # 4. The overlapped optimizer refuses gradient clipping.
+    m = TinyGPT(unused_branch=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt.param_groups[0]["max_grad_norm"] = 1.0
+    _expect(lambda: BucketedDataParallel(m, overlap_optimizer=opt), ValueError, "clip", "max_grad_norm")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    over = BucketedDataParallel(m, overlap_optimizer=opt)
+    _expect(lambda: over.clip_grad_norm_(1.0), RuntimeError, "global gradient norm")
+    # 5. Bad arguments.
+    _expect(lambda: BucketedDataParallel(TinyGPT(), bucket_cap_mb=-1), ValueError, "bucket_cap_mb")
+    _expect(lambda: BucketedDataParallel(TinyGPT(), reduce_dtype=torch.int8), ValueError, "reduce_dtype")
+    return True
+
+
+# Two spawned runs serve all the distributed tests below (process start-up dominates).
+WORLD3_CASES = ["one param per bucket", "no_sync accumulation", "bf16 on the wire"]
+
+
+def _world2_run():
+    return {"layouts": _grad_cases([c["name"] for c in GRAD_CASES]), "training": _training()}
+
+
+def _world3_run():
+    return {"layouts": _grad_cases(WORLD3_CASES), "errors": _error_cases()}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_distributed(_world2_run, 2, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return run_distributed(_world3_run, 3, timeout=300)
+
+
+def _same_layouts(results):
+    layouts = [r["layouts"] for r in results]
+    assert all(l == layouts[0] for l in layouts), "ranks built different bucket layouts"
+    assert all(len(b) == 1 for b in layouts[0]["one param per bucket"])
+    return layouts[0]
+
+
+def test_gradients_match_ddp_and_full_batch_2_ranks(world2):
+    layouts = _same_layouts(world2)
+    assert len(layouts["one bucket"]) == 1
+    assert set(layouts) == {c["name"] for c in GRAD_CASES}
+
+
+def test_gradients_match_ddp_and_full_batch_3_ranks(world3):
+    assert set(_same_layouts(world3)) == set(WORLD3_CASES)
+
+
+def test_training_steps_identical_on_ranks_and_overlap_equals_plain(world2):
+    # The comparisons run (and raise) inside the ranks; here: every rank checked every step.
+    assert [r["training"]["steps_checked"] for r in world2] == [4, 4]
+
+
+def test_error_cases(world3):
+    # Each case raises inside the ranks if the expected error (and its wording) is missing.
+    assert [r["errors"] for r in world3] == [True, True, True]
+
+
+def _fails_on_rank1():
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 broke on purpose")
+    dist.barrier()  # rank 0 would wait here forever: the helper must kill it
+
+
+def _sleeps():
+    import time
+
+    time.sleep(60)
+
+
+def test_helper_reports_child_errors_and_timeouts():
+    with pytest.raises(DistributedTestError, match=r"(?s)rank 1 of 2.*rank 1 broke on purpose"):
+        run_distributed(_fails_on_rank1, 2, timeout=60)
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] of 1 did not finish"):
+        run_distributed(_sleeps, 1, timeout=5)
+
+
+def test_needs_an_initialized_process_group():
+    from lmkernels.distributed import BucketedDataParallel
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        BucketedDataParallel(nn.Linear(2, 2))
+
+
+def _nccl_world1():
+    """World size 1 on NCCL: the CUDA path (bucket ops on the GPU, AVG in the reduction)."""
+    from lmkernels.distributed import BucketedDataParallel
+
+    torch.cuda.set_device(0)
+    report = {}
+    for reduce_dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = TinyGPT().cuda()
+        ref = copy.deepcopy(model)
+        ours = BucketedDataParallel(model, bucket_cap_mb=0.004, find_unused_parameters=True,
+                                    reduce_dtype=reduce_dtype)
+        idx, tgt = (t.cuda() for t in _batch(0, 8))
+        for step in range(2):
+            ours.zero_grad()
+            ref.zero_grad()
+            ours(idx, tgt).backward()
+            ref(idx, tgt).backward()
+            ours.finish_gradient_sync()
+            for (n, p), q in zip(ours.module.named_parameters(), ref.parameters()):
+                if q.grad is None:
+                    assert p.grad is None, n
+                    continue
+                tol = 0 if reduce_dtype is None else 2 ** -8 * q.grad.abs().max().item()
+                err = (p.grad - q.grad).abs().max().item()
+                assert err <= tol, (reduce_dtype, n, err)
+        report[str(reduce_dtype)] = len(ours.bucket_layout)
+    return report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_world_size_1():
+    run_distributed(_nccl_world1, 1, backend="nccl", timeout=120)
+
+
+def test_bucket_assignment_follows_ddp_rules():
+    from lmkernels.distributed.buckets import assign_buckets
+
+    params = [torch.empty(n) for n in (10, 10, 10, 300, 10)] + [torch.empty(5, dtype=torch.float64)]
+    # caps in bytes: first bucket closes at >= 40 B (10 floats), the others at >= 100 B.
+    assert assign_buckets(params, 100, 40) == [[0], [1, 2, 3], [4], [5]]
+    assert assign_buckets(params, 0, 0) == [[i] for i in range(6)]
+    assert assign_buckets(params, 10 ** 9, 10 ** 9) == [[0, 1, 2, 3, 4], [5]]
+    assert math.isclose(sum(p.numel() for p in params), 345)
