@@ -1,7 +1,10 @@
 """attention: fused scaled-dot-product attention (FlashAttention-2 style), forward and backward.
 
-torch.ops.lmkernels.attention_fwd / attention_bwd                C++ CPU kernel (csrc/cpu/attention_cpu.cpp)
-torch.ops.lmkernels.attention_fwd_triton / attention_bwd_triton  Triton kernels (lmkernels/triton/attention.py)
+torch.ops.lmkernels.attention_fwd / attention_bwd   C++ CPU kernel (csrc/cpu/attention_cpu.cpp);
+                                                    on CUDA tensors the Triton kernels
+torch.ops.lmkernels.attention_fwd_triton / _bwd_triton  the Triton kernels on any device (CPU
+                                                    tensors under TRITON_INTERPRET=1, as tests do)
+    (lmkernels/triton/attention.py)
 
 Layout of torch.nn.functional.scaled_dot_product_attention: query (B, H, T, D), key and value
 (B, Hkv, S, D) with H a multiple of Hkv (GQA/MQA without repeating K/V). With is_causal and
@@ -15,9 +18,11 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import triton
 
-from lmkernels.ops._common import resolve_backend
+from lmkernels.ops._common import resolve_backend, triton_interpreted
 from lmkernels.reference.attention import attention_reference, window_bounds
+from lmkernels.triton import attention as kernels
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -58,6 +63,143 @@ def check_attention_args(query, key, value, window_size=None) -> None:
             raise ValueError(f"attention: window_size must be (left, right) ints >= -1 (-1: unbounded); got {window_size}")
 
 
+# ---------------------------------------------------------------- Triton launchers
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
+    """(LEFT, RIGHT) for the kernels: an unbounded side becomes T + S (always satisfied)."""
+    left, right = window_bounds(is_causal, (window_left, window_right))
+    return (left if left >= 0 else T + S), (right if right >= 0 else T + S)
+
+
+def _block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _strides(t: torch.Tensor):
+    assert t.stride(-1) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left, window_right):
+    check_attention_args(query, key, value, (window_left, window_right))
+    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    left, right = _bounds(T, S, is_causal, window_left, window_right)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernels.attention_fwd[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, T, S, D, H // Hkv, left, right, scale * kernels.LOG2E,
+        OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted())
+    return out, lse
+
+
+def _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                               window_left, window_right):
+    check_attention_args(query, key, value, (window_left, window_right))
+    q, k, v, o, g = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    left, right = _bounds(T, S, is_causal, window_left, window_right)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_d = _block_d(D)
+    kernels.attention_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
+        o, g, grad_lse.contiguous() if grad_lse is not None else lse, delta, *_strides(o),
+        *_strides(g), H, T, D, HAS_DLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    common = dict(OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted())
+    qk_scale = scale * kernels.LOG2E
+    kernels.attention_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
+        *_strides(dk), *_strides(dv), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
+    kernels.attention_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, g, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
+        *_strides(dq), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- the ops: fakes, CUDA, autograd
+@torch.library.register_fake("lmkernels::attention_fwd")
+def _attention_fwd_fake(query, key, value, scale, is_causal, window_left, window_right):
+    B, H, T, D = query.shape
+    out = query.new_empty((B, H, T, D))
+    lse = query.new_empty((B, H, T), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("lmkernels::attention_bwd")
+def _attention_bwd_fake(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                        window_left, window_right):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+# On CUDA tensors the C++ schema runs the Triton kernels.
+torch.library.impl("lmkernels::attention_fwd", "CUDA")(_attention_fwd_triton_impl)
+torch.library.impl("lmkernels::attention_bwd", "CUDA")(_attention_bwd_triton_impl)
+
+
+@torch.library.custom_op("lmkernels::attention_fwd_triton", mutates_args=())
+def _attention_fwd_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          scale: float, is_causal: bool, window_left: int,
+                          window_right: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left, window_right)
+
+
+@torch.library.custom_op("lmkernels::attention_bwd_triton", mutates_args=())
+def _attention_bwd_triton(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          grad_lse: Optional[torch.Tensor], scale: float, is_causal: bool,
+                          window_left: int, window_right: int
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, scale,
+                                      is_causal, window_left, window_right)
+
+
+_attention_fwd_triton.register_fake(_attention_fwd_fake)
+_attention_bwd_triton.register_fake(_attention_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, scale, is_causal, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.args = (scale, is_causal, window_left, window_right)
+    ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient to read
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(grad_out, query, key, value, out, lse, grad_lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd("lmkernels::attention_fwd",
+                                _make_backward(torch.ops.lmkernels.attention_bwd),
+                                setup_context=_setup_context)
+torch.library.register_autograd("lmkernels::attention_fwd_triton",
+                                _make_backward(torch.ops.lmkernels.attention_bwd_triton),
+                                setup_context=_setup_context)
+
+
 # ---------------------------------------------------------------- public function
 def attention(
     query: torch.Tensor,
@@ -73,20 +215,25 @@ def attention(
     """softmax(scale * query @ key^T + mask) @ value, fused (never materializes T x S).
 
     query (B, H, T, D), key/value (B, Hkv, S, D); float32, bfloat16 or float16 (fp32
-    accumulation); D a multiple of 8 up to 256; H a multiple of Hkv. scale defaults to
-    1/sqrt(D). is_causal: bottom-right aligned when T != S. window_size=(left, right):
-    sliding window, -1 = unbounded side. return_lse: also return the log-sum-exp (B, H, T)
-    float32. backend: "auto", "cpu" (C++), "triton", or "reference" (pure PyTorch, float32
-    math for low-precision inputs). Differentiable in query, key and value.
+    accumulation); D a multiple of 8 up to 256; H a multiple of Hkv (GQA/MQA). scale
+    defaults to 1/sqrt(D). is_causal: bottom-right aligned when T != S (query i sees keys
+    j <= i + S - T). window_size=(left, right): sliding window, -1 = unbounded side. Rows
+    that see no key give zeros. return_lse: also return the log-sum-exp (B, H, T) float32
+    (-inf for such rows). backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton", or
+    "reference" (pure PyTorch, float32 math). Differentiable in query, key and value (and
+    through lse).
     """
     check_attention_args(query, key, value, window_size)
     D = query.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     left, right = window_bounds(False, window_size)
-    if backend in ("reference", "auto", "cpu"):  # kernels land in the next commits
-        cdt = torch.float32 if query.dtype != torch.float64 else torch.float64
+    if backend == "reference":
         out, lse = attention_reference(query, key, value, is_causal=is_causal, scale=scale,
-                                       window_size=window_size, compute_dtype=cdt)
+                                       window_size=window_size, compute_dtype=torch.float32)
     else:
-        raise ValueError(f"attention: backend {backend!r} is not available yet")
+        which = resolve_backend("attention", backend, query.device, prefer_cuda_cpp=False)
+        if which == "cuda":
+            raise ValueError("attention: there is no CUDA C++ kernel; use backend='triton' or 'auto'")
+        op = torch.ops.lmkernels.attention_fwd if which == "cpu" else torch.ops.lmkernels.attention_fwd_triton
+        out, lse = op(query, key, value, scale, bool(is_causal), left, right)
     return (out, lse) if return_lse else out

@@ -1,0 +1,442 @@
+// CPU kernels of attention_fwd / attention_bwd: FlashAttention-2 tiling on the CPU.
+//
+// Forward, one task per (b, h, query block of BQ rows), at::parallel_for over all tasks:
+//   for each key tile j (BK keys) that the block's mask reaches:
+//     S   = Q_i K_j^T                      (GEMM, fp32)
+//     m'  = max(m, rowmax(scale * S));  P = exp(scale * S - m')   (masked entries: 0)
+//     l   = l * exp(m - m') + rowsum(P);  acc = acc * exp(m - m') + P V_j   (GEMM)
+//   out = acc / l,  lse = m + log(l)      (rows with nothing to attend: out = 0, lse = -inf)
+// Only BQ x BK scores live at a time (never T x S).
+//
+// Backward from the saved lse, one task per (b, kv head): its query heads (GQA group) one
+// after the other, query blocks i of BQ rows, each against all the keys c0..c1 it sees:
+//   P  = exp(scale * Q_i K^T - lse), renormalized per row;  dP = dO_i V^T   (BQ x W each)
+//   dS = scale * P * (dP - delta),  delta = rowsum(P * dP) - grad_lse
+//   dV += P^T dO_i,  dK += dS^T Q_i,  dQ_i = dS K                         (5 GEMMs)
+// Only BQ x S probabilities live at a time (never T x S). Taking delta from the tiles rather
+// than FlashAttention-2's dO . O keeps fp32 gradients as exact as PyTorch's math path (the
+// identity's rounding costs ~4x in rows that see few keys). A task owns dK/dV of its kv head
+// and dQ of its query heads: no atomics, deterministic. GEMMs go to the BLAS torch links
+// (MKL sgemm, looked up at run time, as torch's CPU flash attention does through cpublas);
+// at::mm is the fallback. bf16/fp16 are converted to fp32 tiles (no bf16 arithmetic here).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <dlfcn.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../attention.h"
+
+namespace lmk {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------ GEMM
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                         const float*, const float*, const int*, const float*, const int*,
+                         const float*, float*, const int*);
+
+sgemm_t find_sgemm() {
+  static const sgemm_t fn = [] {
+    void* sym = nullptr;
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, "sgemm_");
+    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "sgemm_");
+    return reinterpret_cast<sgemm_t>(sym);
+  }();
+  return fn;
+}
+
+// Row-major C (M x N, ldc) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) K x N.
+// A row-major product is the column-major product of the transposes: C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+          int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_t sgemm = find_sgemm()) {
+    const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+    sgemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C,
+          &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = trans_a ? at::from_blob(const_cast<float*>(A), {K, M}, {lda, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = trans_b ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == 0.f) {
+    at::mm_out(c, a, b);
+    if (alpha != 1.f) c.mul_(alpha);
+  } else {
+    c.mul_(beta).addmm_(a, b, 1.0, alpha);
+  }
+}
+
+// ------------------------------------------------------------------------------ helpers
+// fp32 view of n contiguous elements: the data itself for float, else converted into buf.
+template <typename T>
+inline const float* as_float(const T* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_from_float(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (src != dst) std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// fp32 keeps the accurate exp; for bf16/fp16 outputs the faster one (1e-6 relative) is
+// far below their rounding.
+template <bool kFastExp>
+inline Vec vexp(Vec x) {
+  if constexpr (kFastExp) return x.exp_u20();
+  else return x.exp();
+}
+
+inline void fill(float* p, int64_t n, float v) { std::fill(p, p + n, v); }
+
+// x[a:b] *= scale; returns max(x[a:b]).
+inline float scale_and_max(float* x, int64_t a, int64_t b, float scale) {
+  const Vec vs(scale);
+  Vec vmax(kNegInf);
+  int64_t c = a;
+  for (; c + Vec::size() <= b; c += Vec::size()) {
+    Vec v = Vec::loadu(x + c) * vs;
+    v.store(x + c);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
+                                           vmax);
+  for (; c < b; ++c) {
+    x[c] *= scale;
+    m = std::max(m, x[c]);
+  }
+  return m;
+}
+
+// x[a:b] = exp(x[a:b] * mul - sub); returns the sum.
+template <bool kFastExp>
+inline float exp_and_sum(float* x, int64_t a, int64_t b, float mul, float sub) {
+  const Vec vm(mul), vsub(sub);
+  Vec vsum(0.f);
+  int64_t c = a;
+  for (; c + Vec::size() <= b; c += Vec::size()) {
+    Vec v = vexp<kFastExp>(at::vec::fmsub(Vec::loadu(x + c), vm, vsub));
+    v.store(x + c);
+    vsum = vsum + v;
+  }
+  if (c < b) {
+    const int64_t n = b - c;
+    Vec v = vexp<kFastExp>(at::vec::fmsub(Vec::loadu(x + c, n), vm, vsub));
+    v.store(x + c, n);
+    vsum = vsum + Vec::set(Vec(0.f), v, n);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vsum);
+}
+
+inline void scale_row(float* x, int64_t n, float s) {
+  at::vec::map([s](Vec v) { return v * Vec(s); }, x, x, n);
+}
+
+// Tile sizes (rows x keys). Forward: BQ x BK scores (64 KB at 64 x 256) plus the K and V
+// tiles stay in L2; measured on Zen 3 at T=512..1024, D=64 (see bench/results/attention-cpu.md).
+struct Blocks {
+  int64_t fwd_q, fwd_k, bwd_q, bwd_k;
+};
+inline Blocks choose_blocks(int64_t D) {
+  return D <= 64 ? Blocks{64, 256, 64, 128} : Blocks{64, 128, 32, 128};
+}
+
+// ------------------------------------------------------------------------------ forward
+template <typename scalar_t>
+void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          at::Tensor& out, at::Tensor& lse, float scale, const AttnMask& mask) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), group = H / Hkv;
+  const Blocks blk = choose_blocks(D);
+  const int64_t BQ = blk.fwd_q, BK = blk.fwd_k;
+  const int64_t nq = (T + BQ - 1) / BQ;
+  const scalar_t* Q = q.const_data_ptr<scalar_t>();
+  const scalar_t* K = k.const_data_ptr<scalar_t>();
+  const scalar_t* V = v.const_data_ptr<scalar_t>();
+  scalar_t* O = out.data_ptr<scalar_t>();
+  float* L = lse.data_ptr<float>();
+  constexpr bool kFast = !std::is_same_v<scalar_t, float>;
+
+  at::parallel_for(0, B * H * nq, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s_buf(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
+    std::vector<float> q_buf(kFast ? BQ * D : 0), k_buf(kFast ? BK * D : 0),
+        v_buf(kFast ? BK * D : 0);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bh = task / nq, i0 = (task % nq) * BQ, b = bh / H, h = bh % H;
+      const int64_t rows = std::min(BQ, T - i0);
+      const int64_t kv_off = (b * Hkv + h / group) * S * D;
+      const float* q_tile = as_float(Q + (bh * T + i0) * D, rows * D, q_buf.data());
+      fill(row_max.data(), rows, kNegInf);
+      fill(row_sum.data(), rows, 0.f);
+      fill(acc.data(), rows * D, 0.f);
+      // Keys that some row of this block may see (lo and hi grow with the row).
+      const int64_t j_begin = mask.lo(i0), j_end = mask.hi(i0 + rows - 1);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += BK) {
+        const int64_t cols = std::min(BK, j_end - j0);
+        const float* k_tile = as_float(K + kv_off + j0 * D, cols * D, k_buf.data());
+        const float* v_tile = as_float(V + kv_off + j0 * D, cols * D, v_buf.data());
+        float* s = s_buf.data();
+        gemm(false, true, rows, cols, D, 1.f, q_tile, D, k_tile, D, 0.f, s, BK);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = s + r * BK;
+          const int64_t a = std::clamp<int64_t>(mask.lo(i0 + r) - j0, 0, cols);
+          const int64_t e = std::clamp<int64_t>(mask.hi(i0 + r) - j0, 0, cols);
+          if (a >= e) {  // nothing to attend in this tile
+            fill(srow, cols, 0.f);
+            continue;
+          }
+          const float m_old = row_max[r];
+          const float m_new = std::max(m_old, scale_and_max(srow, a, e, scale));
+          const float sum = exp_and_sum<kFast>(srow, a, e, 1.f, m_new);
+          fill(srow, a, 0.f);
+          fill(srow + e, cols - e, 0.f);
+          const float alpha = std::exp(m_old - m_new);  // 0 on the row's first tile
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = m_new;
+          if (alpha != 1.f) scale_row(acc.data() + r * D, D, alpha);
+        }
+        gemm(false, false, rows, D, cols, 1.f, s, BK, v_tile, D, 1.f, acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float l = row_sum[r];
+        float* a = acc.data() + r * D;
+        if (l > 0.f) {
+          scale_row(a, D, 1.f / l);
+          L[bh * T + i0 + r] = row_max[r] + std::log(l);
+        } else {
+          fill(a, D, 0.f);
+          L[bh * T + i0 + r] = kNegInf;
+        }
+      }
+      store_from_float(acc.data(), O + (bh * T + i0) * D, rows * D);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ backward
+// sum_{a<=c<e} x[c] * y[c]
+inline float dot_range(const float* x, const float* y, int64_t a, int64_t e) {
+  Vec acc(0.f);
+  int64_t c = a;
+  for (; c + Vec::size() <= e; c += Vec::size())
+    acc = at::vec::fmadd(Vec::loadu(x + c), Vec::loadu(y + c), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, acc);
+  for (; c < e; ++c) s += x[c] * y[c];
+  return s;
+}
+
+// sum += x with Kahan compensation (comp carries the lost low bits): dK and dV are sums over
+// every query block of every head in the group, and plain fp32 accumulation of that many
+// block products loses ~3x more than PyTorch's single GEMM over T.
+inline void add_compensated(float* sum, float* comp, const float* x, int64_t n) {
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec s = Vec::loadu(sum + c), y = Vec::loadu(x + c) - Vec::loadu(comp + c);
+    const Vec t = s + y;
+    ((t - s) - y).store(comp + c);
+    t.store(sum + c);
+  }
+  for (; c < n; ++c) {
+    const float y = x[c] - comp[c], t = sum[c] + y;
+    comp[c] = (t - sum[c]) - y;
+    sum[c] = t;
+  }
+}
+
+template <typename scalar_t>
+void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& dlse, at::Tensor& dq, at::Tensor& dk,
+                          at::Tensor& dv, float scale, const AttnMask& mask) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), group = H / Hkv;
+  const int64_t BQ = choose_blocks(D).bwd_q;
+  const scalar_t* Q = q.const_data_ptr<scalar_t>();
+  const scalar_t* K = k.const_data_ptr<scalar_t>();
+  const scalar_t* V = v.const_data_ptr<scalar_t>();
+  const scalar_t* dO = dout.const_data_ptr<scalar_t>();
+  const float* L = lse.const_data_ptr<float>();
+  const float* dL = dlse ? dlse->const_data_ptr<float>() : nullptr;
+  scalar_t* dQ = dq.data_ptr<scalar_t>();
+  scalar_t* dK = dk.data_ptr<scalar_t>();
+  scalar_t* dV = dv.data_ptr<scalar_t>();
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  constexpr bool kFast = !kF32;
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    // Probabilities and their gradients for BQ query rows x the keys they see.
+    std::vector<float> p_buf(BQ * S), dp_buf(BQ * S);
+    std::vector<float> q_buf(kF32 ? 0 : BQ * D), do_buf(kF32 ? 0 : BQ * D),
+        dq_buf(kF32 ? 0 : BQ * D), k_buf(kF32 ? 0 : S * D), v_buf(kF32 ? 0 : S * D);
+    // fp32 accumulators of dK, dV (for fp32 outputs the outputs themselves, zeroed by the
+    // caller), their compensations, and one block's contribution.
+    std::vector<float> dk_acc(kF32 ? 0 : S * D), dv_acc(kF32 ? 0 : S * D), dk_comp(S * D),
+        dv_comp(S * D), contrib(S * D);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / Hkv, hkv = task % Hkv;
+      const int64_t kv_off = (b * Hkv + hkv) * S * D;
+      const float* k_h = as_float(K + kv_off, S * D, k_buf.data());
+      const float* v_h = as_float(V + kv_off, S * D, v_buf.data());
+      float* dk_h = kF32 ? reinterpret_cast<float*>(dK) + kv_off : dk_acc.data();
+      float* dv_h = kF32 ? reinterpret_cast<float*>(dV) + kv_off : dv_acc.data();
+      if (!kF32) {
+        fill(dk_h, S * D, 0.f);
+        fill(dv_h, S * D, 0.f);
+      }
+      fill(dk_comp.data(), S * D, 0.f);
+      fill(dv_comp.data(), S * D, 0.f);
+      for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
+        const int64_t bh = b * H + h, q_off = bh * T * D;
+        for (int64_t i0 = 0; i0 < T; i0 += BQ) {
+          const int64_t rows = std::min(BQ, T - i0);
+          // Keys this block sees: [c0, c1) (lo and hi grow with the row).
+          const int64_t c0 = mask.lo(i0), c1 = mask.hi(i0 + rows - 1), W = c1 - c0;
+          float* dq_out = kF32 ? reinterpret_cast<float*>(dQ) + q_off + i0 * D : dq_buf.data();
+          if (W <= 0) {  // no row of the block sees a key
+            fill(dq_out, rows * D, 0.f);
+            if (!kF32) store_from_float(dq_out, dQ + q_off + i0 * D, rows * D);
+            continue;
+          }
+          const float* q_tile = as_float(Q + q_off + i0 * D, rows * D, q_buf.data());
+          const float* do_tile = as_float(dO + q_off + i0 * D, rows * D, do_buf.data());
+          float* p = p_buf.data();
+          float* dp = dp_buf.data();
+          gemm(false, true, rows, W, D, 1.f, q_tile, D, k_h + c0 * D, D, 0.f, p, W);
+          gemm(false, true, rows, W, D, 1.f, do_tile, D, v_h + c0 * D, D, 0.f, dp, W);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* prow = p + r * W;
+            float* dprow = dp + r * W;
+            const int64_t i = i0 + r;
+            const int64_t a = std::clamp<int64_t>(mask.lo(i) - c0, 0, W);
+            const int64_t e = std::clamp<int64_t>(mask.hi(i) - c0, 0, W);
+            if (a >= e) {
+              fill(prow, W, 0.f);
+              fill(dprow, W, 0.f);
+              continue;
+            }
+            // P = exp(scale * s - lse), renormalized by its own sum: the saved lse is
+            // rounded to fp32, and an exactly normalized row keeps dS = P (dP - sum P dP)
+            // as exact as PyTorch's softmax backward (a one-key row gives dS = 0).
+            const float sum = exp_and_sum<kFast>(prow, a, e, scale, L[bh * T + i]);
+            scale_row(prow + a, e - a, 1.f / sum);
+            fill(prow, a, 0.f);
+            fill(prow + e, W - e, 0.f);
+            // delta = sum_j P dP (= dO . O) minus grad_lse (d lse / d s = P).
+            const float delta = dot_range(prow, dprow, a, e) - (dL ? dL[bh * T + i] : 0.f);
+            const Vec vdelta(delta), vs(scale);
+            at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - vdelta) * vs; }, dprow + a,
+                          prow + a, dprow + a, e - a);
+            fill(dprow, a, 0.f);
+            fill(dprow + e, W - e, 0.f);
+          }
+          gemm(true, false, W, D, rows, 1.f, p, W, do_tile, D, 0.f, contrib.data(), D);
+          add_compensated(dv_h + c0 * D, dv_comp.data() + c0 * D, contrib.data(), W * D);
+          gemm(true, false, W, D, rows, 1.f, dp, W, q_tile, D, 0.f, contrib.data(), D);
+          add_compensated(dk_h + c0 * D, dk_comp.data() + c0 * D, contrib.data(), W * D);
+          gemm(false, false, rows, D, W, 1.f, dp, W, k_h + c0 * D, D, 0.f, dq_out, D);
+          if (!kF32) store_from_float(dq_out, dQ + q_off + i0 * D, rows * D);
+        }
+      }
+      if (!kF32) {
+        store_from_float(dk_h, dK + kv_off, S * D);
+        store_from_float(dv_h, dV + kv_off, S * D);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ ops
+// Calls fn(scalar_t{}) for the three supported dtypes (checked before).
+template <typename Fn>
+void dispatch_float_types(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "attention: unreachable dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query,
+                                                     const at::Tensor& key,
+                                                     const at::Tensor& value, double scale,
+                                                     bool is_causal, int64_t window_left,
+                                                     int64_t window_right) {
+  check_attention_args("attention_fwd", query, key, value, window_left, window_right);
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const AttnMask mask(q.size(2), k.size(2), is_causal, window_left, window_right);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  dispatch_float_types(q.scalar_type(), [&](auto tag) {
+    attention_fwd_kernel<decltype(tag)>(q, k, v, out, lse, float(scale), mask);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse, double scale, bool is_causal,
+    int64_t window_left, int64_t window_right) {
+  const char* op = "attention_bwd";
+  check_attention_args(op, query, key, value, window_left, window_right);
+  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(), op,
+              ": grad_out and out must have query's shape ", query.sizes(), "; got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
+                  out.scalar_type() == query.scalar_type(),
+              op, ": grad_out and out must have query's dtype ", query.scalar_type());
+  const auto lse_shape = std::vector<int64_t>{query.size(0), query.size(1), query.size(2)};
+  TORCH_CHECK(lse.sizes() == lse_shape && lse.scalar_type() == at::kFloat, op,
+              ": lse must be float32 of shape ", lse_shape, "; got ", lse.scalar_type(), " ",
+              lse.sizes());
+  if (grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == lse_shape && grad_lse->scalar_type() == at::kFloat, op,
+                ": grad_lse must be float32 of shape ", lse_shape);
+  }
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  // out is not read: delta = dO . O is recomputed as sum_j P dP from the tiles (see kernel).
+  const at::Tensor g = grad_out.contiguous(), l = lse.contiguous();
+  std::optional<at::Tensor> gl;
+  if (grad_lse) gl = grad_lse->contiguous();
+  const AttnMask mask(q.size(2), k.size(2), is_causal, window_left, window_right);
+  const bool f32 = q.scalar_type() == at::kFloat;
+  // fp32 kernels accumulate dK, dV straight into the outputs, so those start at zero.
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = f32 ? at::zeros(k.sizes(), k.options()) : at::empty(k.sizes(), k.options());
+  at::Tensor dv = f32 ? at::zeros(v.sizes(), v.options()) : at::empty(v.sizes(), v.options());
+  dispatch_float_types(q.scalar_type(), [&](auto tag) {
+    attention_bwd_kernel<decltype(tag)>(g, q, k, v, l, gl, dq, dk, dv, float(scale), mask);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY_IMPL(lmkernels, CPU, m) {
+  m.impl("attention_fwd", &lmk::attention_fwd_cpu);
+  m.impl("attention_bwd", &lmk::attention_bwd_cpu);
+}

@@ -1,0 +1,286 @@
+"""attention: C++ CPU kernel and Triton kernels (interpreter) against the float64 reference.
+
+Tolerance (FlashAttention's rule): the kernel's max error against float64 may be at most
+twice the error of PyTorch's math path computed in the same dtype, plus two units of rounding
+of the dtype at the result's magnitude (at least 1: inputs are randn); flash-attention's tests
+add a rounding term of the same kind (their `x + 0.3 - 0.3 - x`).
+"""
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+
+import lmkernels
+from lmkernels.reference.attention import attention_reference
+
+attn_ops = sys.modules["lmkernels.ops.attention"]
+
+LENGTHS = (1, 17, 97, 128, 257)
+WINDOWS = (None, (32, -1), (5, 7))
+
+
+def make_inputs(B, H, Hkv, T, S, D, dtype, *, requires_grad=True):
+    q = torch.randn(B, H, T, D, dtype=dtype)
+    k = torch.randn(B, Hkv, S, D, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def assert_within_pt_error(name, ours, pt, truth, dtype):
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    truth = truth.double()
+    err = (ours.double() - truth).abs().max().item()
+    pt_err = (pt.double() - truth).abs().max().item()
+    # Two rounding units at the result's scale (at least 1: inputs are randn): one for the
+    # store, one for summing in another (equally exact) order. It matters only where the
+    # sample is tiny (a single key per row) and the math path happens to round exactly.
+    floor = 2 * torch.finfo(dtype).eps * max(truth.abs().max().item(), 1.0)
+    assert err <= 2 * pt_err + floor, f"{name}: error {err:.3g} > 2 x math-path error {pt_err:.3g} + {floor:.3g}"
+
+
+def check_lse(ours, pt, truth):
+    empty = torch.isneginf(truth)
+    assert torch.equal(torch.isneginf(ours), empty), "lse: rows with nothing to attend must be -inf"
+    keep = ~empty
+    if keep.any():
+        assert_within_pt_error("lse", ours[keep], pt[keep], truth[keep], torch.float32)
+
+
+def run_and_compare(backend, B, H, Hkv, T, S, D, dtype, is_causal, window, *, use_lse=False):
+    q, k, v = make_inputs(B, H, Hkv, T, S, D, dtype)
+    kw = dict(is_causal=is_causal, window_size=window)
+    out, lse = lmkernels.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    truth_out, truth_lse = attention_reference(q, k, v, compute_dtype=torch.float64, **kw)
+    pt_out, pt_lse = attention_reference(q, k, v, compute_dtype=dtype, **kw)
+    _, pt32_lse = attention_reference(q, k, v, compute_dtype=torch.float32, **kw)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, T)
+    assert_within_pt_error("out", out, pt_out, truth_out, dtype)
+    check_lse(lse, pt32_lse, truth_lse)
+
+    g = torch.randn_like(out)
+    glse = torch.randn_like(lse) if use_lse else None
+
+    def grads(o, l):
+        loss = (o.float() * g.float()).sum()
+        if use_lse:
+            loss = loss + (torch.where(torch.isfinite(l), l, 0.0) * glse).sum()
+        return torch.autograd.grad(loss, (q, k, v))
+
+    ours = grads(out, lse)
+    # The float64 truth of the gradients: the reference's own float64 backward.
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64, l64 = attention_reference(q64, k64, v64, compute_dtype=torch.float64, **kw)
+    loss64 = (o64.double() * g.double()).sum()
+    if use_lse:
+        loss64 = loss64 + (torch.where(torch.isfinite(l64), l64, 0.0) * glse.double()).sum()
+    truth = torch.autograd.grad(loss64, (q64, k64, v64))
+    pt = grads(pt_out, pt_lse)
+    for name, a, p, t in zip(("dq", "dk", "dv"), ours, pt, truth):
+        assert a.dtype == dtype
+        assert_within_pt_error(name, a, p, t, dtype)
+
+
+# ------------------------------------------------------------------ C++ CPU kernel
+@pytest.mark.parametrize("D", (16, 64, 80, 128))
+@pytest.mark.parametrize("group", (1, 2))
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("is_causal", (False, True))
+def test_cpu_fp32_full_product(is_causal, window, group, D):
+    # Every (T, S) pair of the awkward lengths, forward and gradients.
+    for T, S in itertools.product(LENGTHS, LENGTHS):
+        run_and_compare("cpu", 1, group, 1, T, S, D, torch.float32, is_causal, window)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("T,S", ((1, 17), (97, 257), (257, 97), (128, 128)))
+@pytest.mark.parametrize("D", (64, 80))
+@pytest.mark.parametrize("is_causal,window", ((False, None), (True, None), (True, (32, -1)), (False, (5, 7))))
+def test_cpu_low_precision(dtype, T, S, D, is_causal, window):
+    run_and_compare("cpu", 2, 4, 2, T, S, D, dtype, is_causal, window)
+
+
+@pytest.mark.parametrize("D", (16, 256))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_cpu_head_dims_and_mqa(D, dtype):
+    run_and_compare("cpu", 1, 4, 1, 97, 300, D, dtype, True, None)
+
+
+@pytest.mark.parametrize("is_causal", (False, True))
+def test_cpu_lse_gradient(is_causal):
+    run_and_compare("cpu", 1, 2, 1, 97, 65, 32, torch.float32, is_causal, None, use_lse=True)
+
+
+def test_cpu_large_blocks_and_long_rows():
+    # Several query and key tiles per head, T != S, sliding window inside.
+    run_and_compare("cpu", 1, 2, 2, 700, 1025, 64, torch.float32, True, (300, -1))
+
+
+def test_empty_rows_give_zeros():
+    # T > S causal: the first T - S queries see no key; a narrow window leaves gaps too.
+    q, k, v = make_inputs(1, 2, 2, 40, 8, 16, torch.float32)
+    out, lse = lmkernels.attention(q, k, v, is_causal=True, return_lse=True)
+    assert torch.equal(out[:, :, :32], torch.zeros_like(out[:, :, :32]))
+    assert torch.isneginf(lse[:, :, :32]).all() and torch.isfinite(lse[:, :, 32:]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :, :32], torch.zeros_like(q.grad[:, :, :32]))
+
+
+def test_non_contiguous_inputs():
+    # (B, T, H, D) storage viewed as (B, H, T, D), as models produce it.
+    q = torch.randn(2, 33, 4, 64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 50, 2, 64).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 50, 2, 64).transpose(1, 2).requires_grad_()
+    out = lmkernels.attention(q, k, v, is_causal=True)
+    ref, _ = attention_reference(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.backward(torch.ones_like(out))
+    ref_grads = torch.autograd.grad(attention_reference(q, k, v, is_causal=True)[0].sum(), (q, k, v))
+    for a, b in zip((q.grad, k.grad, v.grad), ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_sdpa_and_default_scale():
+    q, k, v = make_inputs(2, 4, 4, 64, 64, 32, torch.float32, requires_grad=False)
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(lmkernels.attention(q, k, v, is_causal=causal), expected,
+                                   atol=2e-6, rtol=2e-6)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(lmkernels.attention(q, k, v, scale=0.3), expected, atol=2e-6, rtol=2e-6)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_bad_input_errors(backend):
+    q, k, v = make_inputs(1, 4, 2, 8, 8, 16, torch.float32, requires_grad=False)
+    cases = [
+        ((q[0], k, v), {}, "4-D"),
+        ((q, k.double(), v), {}, "key must be float32"),
+        ((q.double(), k.double(), v.double()), {}, "float32, bfloat16 or float16"),
+        ((q, k.half(), v), {}, "dtype"),
+        ((q[..., :12], k[..., :12], v[..., :12]), {}, "multiple of 8"),
+        ((torch.randn(1, 4, 8, 264),) * 1 + (torch.randn(1, 2, 8, 264), torch.randn(1, 2, 8, 264)), {}, "multiple of 8"),
+        ((torch.randn(1, 3, 8, 16), k, v), {}, "multiple of key/value heads"),
+        ((q, k, v[:, :, :4]), {}, "one shape"),
+        ((q, k[..., :8], v[..., :8]), {}, "head dim"),
+        ((q[:, :, :0], k, v), {}, "empty"),
+        ((q, k, v), {"window_size": (-2, 0)}, "window_size"),
+        ((q, k, v), {"window_size": (3,)}, "window_size"),
+        ((q, k.to("meta"), v.to("meta")), {}, "is on"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            lmkernels.attention(*args, backend=backend, **kw)
+
+
+def test_cpp_op_checks_its_arguments():
+    q, k, v = make_inputs(1, 4, 2, 8, 8, 16, torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        kv3 = torch.randn(1, 3, 8, 16)
+        torch.ops.lmkernels.attention_fwd(q, kv3, kv3, 1.0, False, -1, -1)
+    with pytest.raises(RuntimeError, match="window"):
+        torch.ops.lmkernels.attention_fwd(q, k, v, 1.0, False, -5, -1)
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        torch.ops.lmkernels.attention_bwd(q, q, k, v, q, q[..., 0].double(), None, 1.0, False, -1, -1)
+    with pytest.raises(ValueError, match="backend"):
+        lmkernels.attention(q, k, v, backend="nope")
+
+
+# ------------------------------------------------------------------ op contracts
+def test_opcheck_cpu_ops():
+    q, k, v = make_inputs(2, 4, 2, 19, 23, 16, torch.float32)
+    for causal, left, right in ((False, -1, -1), (True, 4, -1)):
+        args = (q, k, v, 0.25, causal, left, right)
+        torch.library.opcheck(torch.ops.lmkernels.attention_fwd, args)
+        out, lse = torch.ops.lmkernels.attention_fwd(*args)
+        g = torch.randn_like(out)
+        bargs = (g.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                 torch.randn_like(lse), 0.25, causal, left, right)
+        torch.library.opcheck(torch.ops.lmkernels.attention_bwd, bargs)
+
+
+def test_torch_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self, dim=32, heads=4, kv_heads=2):
+            super().__init__()
+            self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+            self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.hd)
+            self.proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.qkv(x).split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], -1)
+            q = q.view(B, T, self.heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = k.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+            v = v.view(B, T, self.kv_heads, self.hd).transpose(1, 2)
+            y = lmkernels.attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    model = Block()
+    x = torch.randn(2, 37, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_eager = model(x)
+    y = compiled(x)
+    torch.testing.assert_close(y, y_eager)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    y_eager.sum().backward()
+    for a, b in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ Triton (interpreter on CPU)
+TRITON_CASES = [
+    # (H, Hkv, T, S, D, is_causal, window)
+    (2, 2, 17, 17, 16, False, None),
+    (2, 1, 1, 33, 16, True, None),
+    (4, 2, 97, 64, 80, True, None),
+    (2, 2, 40, 97, 32, False, (10, 3)),
+    (2, 2, 70, 20, 16, True, None),  # empty rows
+    (2, 1, 64, 64, 24, True, (16, -1)),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_interpreter(case, dtype):
+    if not attn_ops.triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    H, Hkv, T, S, D, is_causal, window = case
+    run_and_compare("triton", 1, H, Hkv, T, S, D, dtype, is_causal, window)
+
+
+def test_triton_lse_gradient_and_opcheck():
+    if not attn_ops.triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    run_and_compare("triton", 1, 2, 1, 33, 40, 16, torch.float32, True, None, use_lse=True)
+    q, k, v = make_inputs(1, 2, 1, 17, 20, 16, torch.float32)
+    args = (q, k, v, 0.25, True, -1, -1)
+    torch.library.opcheck(torch.ops.lmkernels.attention_fwd_triton, args)
+    out, lse = torch.ops.lmkernels.attention_fwd_triton(*args)
+    # The backward is not itself differentiable (no double backward): plain tensors.
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+             None, 0.25, True, -1, -1)
+    torch.library.opcheck(torch.ops.lmkernels.attention_bwd_triton, bargs)
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("case", TRITON_CASES + [(8, 2, 1000, 1000, 128, True, None),
+                                                  (4, 4, 513, 2049, 256, False, (128, 64)),
+                                                  (4, 1, 300, 300, 96, False, None)])
+def test_triton_gpu(case, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.set_default_device("cuda")
+    try:
+        H, Hkv, T, S, D, is_causal, window = case
+        run_and_compare("auto", 2, H, Hkv, T, S, D, dtype, is_causal, window)
+    finally:
+        torch.set_default_device("cpu")
