@@ -84,15 +84,18 @@ class Reference:
         return records
 
 
-def compare(iters: int, rounds: int, warmup: int = 10, tail: int = 20) -> dict:
-    times = {"ours": [], "reference": []}
+def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, tail: int = 20) -> dict:
+    names = ["ours", "reference"] + (["ours_compiled"] if compiled else [])
+    times = {name: [] for name in names}
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = train_config(iters, tmp)
         for r in range(rounds):
-            for name in ("ours", "reference"):
+            for name in names:
                 if name == "ours":
                     records = train(cfg)
+                elif name == "ours_compiled":  # the first iterations (compilation) are skipped below
+                    records = train(train_config(iters, tmp, compile=True))
                 else:
                     records = Reference(cfg).run(iters)
                 times[name] += [rec["dt_ms"] for rec in records[warmup:]]
@@ -100,18 +103,22 @@ def compare(iters: int, rounds: int, warmup: int = 10, tail: int = 20) -> dict:
     tokens = CONFIG["batch_size"] * CONFIG["block_size"]
     ms = {name: statistics.median(t) for name, t in times.items()}
     return dict(ms=ms, tokens_per_s={n: 1000 * tokens / v for n, v in ms.items()}, losses=losses,
-                ratio=ms["reference"] / ms["ours"], iters=iters, rounds=rounds, tail=tail)
+                ratio=ms["reference"] / ms["ours"], iters=iters, rounds=rounds, tail=tail,
+                ratio_compiled=ms["reference"] / ms["ours_compiled"] if compiled else None)
 
 
 def table(result: dict) -> str:
     rows = ["| trainer | ms / iteration (median) | tokens/s | mean loss, last {tail} of {iters} iterations |".format(**result),
             "|---|---:|---:|---:|"]
     names = {"ours": "lmkernels-train (lmkernels.attention, FusedAdamW)",
+             "ours_compiled": "lmkernels-train --compile=true",
              "reference": "eager PyTorch (SDPA, torch.optim.AdamW)"}
-    for key in ("ours", "reference"):
+    for key in [k for k in names if k in result["ms"]]:
         rows.append(f"| {names[key]} | {result['ms'][key]:.1f} | {result['tokens_per_s'][key]:,.0f} | "
                     f"{result['losses'][key]:.4f} |")
-    rows.append(f"\n**Speed-up: {result['ratio']:.2f}x** tokens/s (target >= 1.3x).")
+    rows.append(f"\n**Speed-up: {result['ratio']:.2f}x** tokens/s, eager vs eager (target >= 1.3x).")
+    if result["ratio_compiled"]:
+        rows.append(f"With compile=true: **{result['ratio_compiled']:.2f}x** (compilation time excluded).")
     return "\n".join(rows)
 
 
@@ -119,9 +126,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the trainer with compile=true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--write", default=None, help="also write the markdown to this file")
     args = parser.parse_args()
-    result = compare(args.iters, args.rounds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = compare(args.iters, args.rounds, args.compile)
     md = (f"## Trainer tokens/s, CPU\n\n{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus "
           f"(byte tokenizer); {args.rounds} alternating rounds of {args.iters} iterations each.\n\n{table(result)}\n")
