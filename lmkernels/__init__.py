@@ -1,5 +1,7 @@
 """lmkernels: fused kernels, data/tensor parallelism and a thin trainer for GPT training."""
-from lmkernels._extension import build_info, load_extension
+import torch  # noqa: F401  (first: lmkernels._C links against libtorch/libc10)
+
+from lmkernels._extension import build_info, load_extension  # noqa: E402
 
 load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
 

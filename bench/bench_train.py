@@ -1,0 +1,160 @@
+"""CPU benchmark: tokens/s of lmkernels-train vs an eager PyTorch reference of the same model.
+
+Config (issue #5): 4 layers, 4 heads, 128 wide, block 64, batch 12, byte vocabulary (256),
+fp32, the default corpus. Both start from the same weights (same seed) and see the same
+batches; the reference is the same GPT with torch's scaled_dot_product_attention in place of
+lmkernels.attention, torch.optim.AdamW (its default implementation on CPU) and
+torch.nn.utils.clip_grad_norm_, in a plain eager loop. Ours is the trainer itself
+(lmkernels.train.train), whose per-iteration timings exclude evaluation. The two run
+alternately in segments of the same length, and the table reports median time per
+iteration, tokens/s, their ratio, and the mean loss of the last iterations of each.
+
+    PYTHONPATH=. python3 bench/bench_train.py [--iters 200] [--rounds 2] [--write bench/results/train-cpu.md]
+    PYTHONPATH=. python3 -m pytest bench/bench_train.py --benchmark-only   # one iteration each
+"""
+import argparse
+import contextlib
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+import lmkernels
+from lmkernels.models.gpt import GPT, GPTConfig
+from lmkernels.train import TrainConfig, train
+from lmkernels.train.data import BatchSampler, prepare_data
+from lmkernels.train.loop import get_lr
+
+CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
+
+
+def _sdpa(q, k, v, *, is_causal=False, scale=None, **_):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+
+
+@contextlib.contextmanager
+def torch_attention():
+    """The reference model: the same GPT with PyTorch's SDPA as its attention."""
+    real = lmkernels.attention
+    lmkernels.attention = _sdpa
+    try:
+        yield
+    finally:
+        lmkernels.attention = real
+
+
+def train_config(iters: int, out_dir: str, **extra) -> TrainConfig:
+    return TrainConfig(**CONFIG, max_iters=iters, eval_interval=10 ** 9, eval_iters=1, log_interval=10 ** 9,
+                       sample_tokens=0, out_dir=out_dir, **extra)
+
+
+class Reference:
+    """Eager PyTorch: same model, SDPA, torch.optim.AdamW, torch's clip_grad_norm_."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, verbose=False)
+        torch.manual_seed(cfg.seed)  # the trainer's initialization
+        self.model = GPT(GPTConfig(vocab_size=self.data.vocab_size, dropout=cfg.dropout, bias=cfg.bias,
+                                   **{k: CONFIG[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}))
+        self.optimizer = torch.optim.AdamW(self.model.configure_optimizer_groups(cfg.weight_decay),
+                                           lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        self.sampler = BatchSampler(self.data, cfg.block_size, cfg.batch_size, cfg.seed)
+
+    def step(self, it: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = get_lr(it, self.cfg)
+        x, y = self.sampler.get_batch("train", it)
+        with torch_attention():
+            _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def run(self, iters: int) -> list:
+        records = []
+        for it in range(iters):
+            t0 = time.perf_counter()
+            loss = self.step(it)
+            records.append(dict(iter=it, loss=loss, dt_ms=1000 * (time.perf_counter() - t0)))
+        return records
+
+
+def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, tail: int = 20) -> dict:
+    names = ["ours", "reference"] + (["ours_compiled"] if compiled else [])
+    times = {name: [] for name in names}
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = train_config(iters, tmp)
+        for r in range(rounds):
+            for name in names:
+                if name == "ours":
+                    records = train(cfg)
+                elif name == "ours_compiled":  # the first iterations (compilation) are skipped below
+                    records = train(train_config(iters, tmp, compile=True))
+                else:
+                    records = Reference(cfg).run(iters)
+                times[name] += [rec["dt_ms"] for rec in records[warmup:]]
+                losses.setdefault(name, statistics.fmean(rec["loss"] for rec in records[-tail:]))
+    tokens = CONFIG["batch_size"] * CONFIG["block_size"]
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return dict(ms=ms, tokens_per_s={n: 1000 * tokens / v for n, v in ms.items()}, losses=losses,
+                ratio=ms["reference"] / ms["ours"], iters=iters, rounds=rounds, tail=tail,
+                ratio_compiled=ms["reference"] / ms["ours_compiled"] if compiled else None)
+
+
+def table(result: dict) -> str:
+    rows = ["| trainer | ms / iteration (median) | tokens/s | mean loss, last {tail} of {iters} iterations |".format(**result),
+            "|---|---:|---:|---:|"]
+    names = {"ours": "lmkernels-train (lmkernels.attention, FusedAdamW)",
+             "ours_compiled": "lmkernels-train --compile=true",
+             "reference": "eager PyTorch (SDPA, torch.optim.AdamW)"}
+    for key in [k for k in names if k in result["ms"]]:
+        rows.append(f"| {names[key]} | {result['ms'][key]:.1f} | {result['tokens_per_s'][key]:,.0f} | "
+                    f"{result['losses'][key]:.4f} |")
+    rows.append(f"\n**Speed-up: {result['ratio']:.2f}x** tokens/s, eager vs eager (target >= 1.3x).")
+    if result["ratio_compiled"]:
+        rows.append(f"With compile=true: **{result['ratio_compiled']:.2f}x** (compilation time excluded).")
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the trainer with compile=true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--write", default=None, help="also write the markdown to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = compare(args.iters, args.rounds, args.compile)
+    md = (f"## Trainer tokens/s, CPU\n\n{platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus "
+          f"(byte tokenizer); {args.rounds} alternating rounds of {args.iters} iterations each.\n\n{table(result)}\n")
+    print(md)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(md)
+
+
+# ---- pytest-benchmark: one training iteration each --------------------------------------------
+
+def test_iteration_reference(benchmark):
+    ref = Reference(train_config(1, "unused"))
+    it = iter(range(10 ** 9))
+    benchmark(lambda: ref.step(next(it) % 1000))
+
+
+def test_iteration_ours(benchmark, tmp_path):
+    # the trainer's own loop, 5 iterations per round; reported per iteration by the ratio above
+    cfg = train_config(5, str(tmp_path))
+    benchmark.pedantic(lambda: train(cfg), rounds=3, iterations=1)
+
+
+if __name__ == "__main__":
+    main()

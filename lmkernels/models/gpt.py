@@ -1,0 +1,191 @@
+"""A GPT language model: pre-norm Transformer blocks, GELU MLP, learned positions (or rotary),
+token embedding tied to the LM head. Attention is `lmkernels.attention`.
+
+No parallel code lives here. Tensor parallelism is applied from outside by
+`lmkernels.distributed.tensor_parallel.parallelize`, which swaps submodules (Linear, Embedding,
+the loss) for sharded ones; the model only has to infer its local number of heads from the
+width of what c_attn returns, and compute its loss through the `criterion` submodule.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import lmkernels
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
+    rotary: bool = False  # rotary position embedding instead of learned positions
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig: {name} must be >= 1; got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head "
+                             f"({self.n_head}); the head size would be {self.n_embd / self.n_head:g}")
+        if self.rotary and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"GPTConfig: rotary needs an even head size; got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1); got {self.dropout}")
+
+
+def rotary_tables(head_dim: int, length: int, device=None, base: float = 10000.0):
+    """cos and sin of shape (length, head_dim // 2) for rotating pairs (x[2i], x[2i+1])."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, nh, T, hs); cos/sin: (T, hs/2). Rotates each adjacent pair by its position's angle."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.head_dim = config.n_embd // config.n_head
+        # q, k, v for all heads in one matmul; output laid out as [q | k | v]
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None):
+        B, T, _ = x.size()
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (B, T, nh * hs)
+        # the number of heads follows from the width: all of them, or this rank's share under TP
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = lmkernels.attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None):
+        x = x + self.attn(self.ln_1(x), rotary)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if not config.rotary:
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied (https://paperswithcode.com/method/weight-tying)
+        # (N, V) logits and (N,) targets -> mean loss; a submodule so TP can swap in its own
+        self.criterion = nn.CrossEntropyLoss(ignore_index=-1)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections' init by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); position embeddings excluded with non_embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.rotary:
+            rotary = rotary_tables(self.config.n_embd // self.config.n_head, T, idx.device)
+        else:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rotary)
+        x = self.transformer.ln_f(x)
+        if targets is None:  # inference: only the last position is needed
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)  # (B, T, V), or (B, T, V / tp) under tensor parallelism
+        loss = self.criterion(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    def configure_optimizer_groups(self, weight_decay: float):
+        """Two parameter groups: matrices and embeddings decay, biases and norms do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    def estimate_flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus attention's 12 L H Q T / 2,
+        as in the PaLM paper's appendix B, halved for the causal mask."""
+        c = self.config
+        head_dim = c.n_embd // c.n_head
+        return 6 * self.num_params() + 6 * c.n_layer * c.n_head * head_dim * c.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None):
+        """Samples max_new_tokens after idx (B, T) and returns (B, T + max_new_tokens)."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, V)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits.float(), dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,27 @@
+"""`lmkernels-train` / `python -m lmkernels.train`: train a GPT (see --help)."""
+import sys
+
+from lmkernels.train.config import ConfigError, parse_args
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    import torch  # noqa: F401  (before lmkernels._C, which links against it)
+    import lmkernels  # noqa: F401  (loads the kernels; imported after parsing so --help is quick)
+    from lmkernels.train.loop import train
+
+    try:
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lmkernels-train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

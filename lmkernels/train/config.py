@@ -1,0 +1,140 @@
+"""Trainer options: nanoGPT's names, plain values with defaults, one place for their checks.
+
+The defaults train a small byte-level GPT on the default corpus in a couple of minutes on a
+2-core CPU. Command line: `--name=value` or `--name value` (nanoGPT's style).
+"""
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import List
+
+
+@dataclass
+class TrainConfig:
+    # model
+    n_layer: int = field(default=4, metadata={"help": "Transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (divisible by tp)"})
+    n_embd: int = field(default=128, metadata={"help": "model width (divisible by n_head)"})
+    block_size: int = field(default=64, metadata={"help": "context length in tokens"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches"})
+    bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm"})
+    rotary: bool = field(default=False, metadata={"help": "rotary positions instead of learned ones"})
+    vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's; larger pads the vocabulary"})
+    # data
+    data: List[str] = field(default_factory=list, metadata={
+        "help": "text files or directories (default: this Python's standard-library sources)"})
+    tokenizer: str = field(default="byte", metadata={"help": "byte or char"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of tokens held out for validation"})
+    data_cache: str = field(default="", metadata={"help": "token cache directory (default ~/.cache/lmkernels/data)"})
+    # optimization
+    batch_size: int = field(default=12, metadata={"help": "sequences per micro-step per data-parallel rank"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration (per rank)"})
+    max_iters: int = field(default=1000, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_iters: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    lr_decay_iters: int = field(default=0, metadata={"help": "end of the cosine decay (0: max_iters)"})
+    decay_lr: bool = field(default=True, metadata={"help": "warm-up then cosine decay (else constant)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    # parallelism and hardware
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size; data-parallel size = world / tp"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    seed: int = field(default=1337, metadata={"help": "random seed (weights, batches, dropout)"})
+    # evaluation, checkpoints, output
+    eval_interval: int = field(default=250, metadata={"help": "evaluate (and checkpoint) every this many steps"})
+    eval_iters: int = field(default=20, metadata={"help": "batches per evaluation"})
+    log_interval: int = field(default=25, metadata={"help": "print progress every this many steps"})
+    out_dir: str = field(default="out", metadata={"help": "checkpoints, metrics.jsonl and loss.png go here"})
+    init_from: str = field(default="scratch", metadata={"help": "scratch or resume (from out_dir)"})
+    sample_tokens: int = field(default=300, metadata={"help": "tokens sampled and printed at the end (0: none)"})
+    peak_flops: float = field(default=0.0, metadata={"help": "per-device peak FLOP/s for MFU (0: known GPU or measured)"})
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmkernels-train",
+        description="Train a GPT on text (one process, or torchrun for data x tensor parallel).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        kind = {int: int, float: float, bool: _bool, str: str}.get(f.type)
+        default = f.default_factory() if f.name == "data" else f.default
+        if f.name == "data":
+            parser.add_argument("--data", nargs="+", default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata["help"],
+                                metavar=f.type.__name__.upper())
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Command line -> TrainConfig. Also accepts nanoGPT's bare `name=value` form."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [f"--{a}" if "=" in a and not a.startswith("-") else a for a in argv]
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    return cfg
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names it, what was expected and what was given."""
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                "eval_iters", "log_interval", "eval_interval", "tp")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1; got {getattr(cfg, name)}")
+    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "vocab_size"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0; got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head}); "
+                          f"e.g. n_embd={cfg.n_head * max(cfg.n_embd // cfg.n_head, 1)}")
+    head_size = cfg.n_embd // cfg.n_head
+    if head_size % 8 or head_size > 256:
+        raise ConfigError(f"head size n_embd / n_head = {head_size} must be a multiple of 8 and at most 256 "
+                          f"(what lmkernels.attention supports)")
+    if cfg.n_head % cfg.tp:
+        raise ConfigError(f"tp ({cfg.tp}) must divide n_head ({cfg.n_head}): attention heads are split "
+                          f"across tensor-parallel ranks")
+    if world_size % cfg.tp:
+        raise ConfigError(f"tp ({cfg.tp}) must divide the number of processes ({world_size}); launch with "
+                          f"torchrun --nproc_per_node <a multiple of {cfg.tp}>")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1); got {cfg.dropout}")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"need 0 <= min_lr <= learning_rate and learning_rate > 0; got learning_rate="
+                          f"{cfg.learning_rate}, min_lr={cfg.min_lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1); got {getattr(cfg, name)}")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ConfigError(f"weight_decay and grad_clip must be >= 0; got {cfg.weight_decay}, {cfg.grad_clip}")
+    if cfg.tokenizer not in ("byte", "char"):
+        raise ConfigError(f"tokenizer must be 'byte' or 'char'; got {cfg.tokenizer!r}")
+    if cfg.init_from not in ("scratch", "resume"):
+        raise ConfigError(f"init_from must be 'scratch' or 'resume'; got {cfg.init_from!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16; got {cfg.dtype!r}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1); got {cfg.val_fraction}")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
