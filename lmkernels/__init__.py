@@ -1,4 +1,6 @@
 """lmkernels: fused kernels, data/tensor parallelism and a thin trainer for GPT training."""
+import torch  # noqa: F401  (loads libtorch/libc10, which lmkernels._C links against)
+
 from lmkernels._extension import build_info, load_extension
 
 load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
