@@ -15,11 +15,18 @@ inline std::string item_name(const char* list, size_t i) {
   return std::string(list) + "[" + std::to_string(i) + "]";
 }
 
-// A tensor's name as (list, index), or (name, npos) for a single argument.
+// A tensor's name: (list, index), a plain argument name, or an already formatted string.
 struct Name {
+  static constexpr size_t kNoIndex = static_cast<size_t>(-1);
+  Name(const char* list, size_t index = kNoIndex) : list(list), index(index) {}
+  Name(std::string formatted) : list(nullptr), formatted(std::move(formatted)) {}
+  std::string str() const {
+    if (list == nullptr) return formatted;
+    return index == kNoIndex ? std::string(list) : item_name(list, index);
+  }
   const char* list;
-  size_t index = static_cast<size_t>(-1);
-  std::string str() const { return index == static_cast<size_t>(-1) ? list : item_name(list, index); }
+  size_t index = kNoIndex;
+  std::string formatted;
 };
 inline std::ostream& operator<<(std::ostream& os, const Name& n) { return os << n.str(); }
 
