@@ -232,24 +232,33 @@ def _training(steps=4):
         steps_checked += 1
     # With unused parameters (find_unused_parameters) the overlapped mode still equals the
     # plain mode: parameters unused on every rank are not stepped at all.
-    torch.manual_seed(7)
-    base = TinyGPT()
-    models, opts = [], []
-    for overlap in (False, True):
-        m = copy.deepcopy(base)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-        models.append(BucketedDataParallel(m, bucket_cap_mb=0.004, find_unused_parameters=True,
-                                           overlap_optimizer=opt if overlap else None))
-        opts.append(opt)
-    for step in range(2):
-        idx, tgt = _batch(step, 4 * world)
-        for m, opt in zip(models, opts):
-            opt.zero_grad()
-            m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
-            opt.step()
-        for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
-            assert torch.equal(p, q), f"find_unused step {step}: overlapped differs from plain at {n}"
-    assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
+    # Also with FusedAdamW (lmkernels.optim, on main), whose kernel plans are cached per group.
+    factories = [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)]
+    try:
+        from lmkernels.optim import FusedAdamW
+
+        factories.append(lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.1))
+    except ImportError:  # a branch without lmkernels.optim
+        pass
+    for make_optimizer in factories:
+        torch.manual_seed(7)
+        base = TinyGPT()
+        models, opts = [], []
+        for overlap in (False, True):
+            m = copy.deepcopy(base)
+            opt = make_optimizer(m.parameters())
+            models.append(BucketedDataParallel(m, bucket_cap_mb=0.004, find_unused_parameters=True,
+                                               overlap_optimizer=opt if overlap else None))
+            opts.append(opt)
+        for step in range(3):
+            idx, tgt = _batch(step, 4 * world)
+            for m, opt in zip(models, opts):
+                opt.zero_grad()
+                m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
+                opt.step()
+            for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
+                assert torch.equal(p, q), f"{type(opt).__name__} step {step}: overlapped != plain at {n}"
+        assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
     # Bitwise identical on every rank (verify_replicas, and a direct comparison).
     flat = torch.cat([p.detach().reshape(-1) for p in plain.module.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]

@@ -19,7 +19,6 @@ How it works (the same on NCCL and gloo):
     gradients actually arrived (rank 0's order, broadcast), as DDP does.
 """
 import contextlib
-import copy
 import time
 import weakref
 from typing import Optional
@@ -520,7 +519,11 @@ class BucketedDataParallel(nn.Module):
         params), and empty per-instance dicts in place of the others: hooks, and caches keyed
         by group index such as FusedAdamW's kernel plans, which must not be shared between
         bucket subsets."""
-        sub = copy.copy(self.overlap_optimizer)
+        opt = self.overlap_optimizer
+        # Not copy.copy: torch.optim.Optimizer's __getstate__ keeps only defaults, state and
+        # param_groups, dropping a subclass's own attributes (FusedAdamW.master_weights, ...).
+        sub = object.__new__(type(opt))
+        sub.__dict__.update(vars(opt))
         for name, value in list(vars(sub).items()):
             if isinstance(value, dict) and name not in ("state", "defaults"):
                 setattr(sub, name, type(value)())
