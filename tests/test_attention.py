@@ -96,7 +96,7 @@ def test_cpu_fp32_full_product(is_causal, window, group, D):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("T,S", ((1, 17), (97, 257), (257, 97)))
 @pytest.mark.parametrize("D", (64, 80))
-@pytest.mark.parametrize("is_causal,window", ((False, None), (True, None), (True, (32, -1)), (False, (5, 7))))
+@pytest.mark.parametrize("is_causal,window", ((True, None), (True, (32, -1)), (False, (5, 7))))
 def test_cpu_low_precision(dtype, T, S, D, is_causal, window):
     run_and_compare("cpu", 2, 4, 2, T, S, D, dtype, is_causal, window)
 
@@ -284,3 +284,19 @@ def test_triton_gpu(case, dtype):
         run_and_compare("auto", 2, H, Hkv, T, S, D, dtype, is_causal, window)
     finally:
         torch.set_default_device("cpu")
+
+
+@pytest.mark.gpu
+def test_cpp_schema_on_cuda_runs_triton():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q, k, v = (t.detach().cuda().requires_grad_() for t in make_inputs(2, 4, 2, 200, 150, 64, torch.bfloat16))
+    out, lse = torch.ops.lmkernels.attention_fwd(q, k, v, 0.125, True, -1, -1)
+    out_t, lse_t = torch.ops.lmkernels.attention_fwd_triton(q, k, v, 0.125, True, -1, -1)
+    assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads_t = torch.autograd.grad(out_t, (q, k, v), g)
+    for a, b in zip(grads, grads_t):
+        assert torch.equal(a, b)  # deterministic: same kernels, same bits
+    torch.library.opcheck(torch.ops.lmkernels.attention_fwd, (q, k, v, 0.125, True, -1, -1))

@@ -106,7 +106,7 @@ def _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left,
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, T, S, D, H // Hkv, left, right, scale * kernels.LOG2E,
         OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
-        DOT_PREC=_dot_precision(q.dtype))
+        DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
     return out, lse
 
 

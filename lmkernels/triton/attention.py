@@ -85,13 +85,17 @@ def _allowed(offs_m, offs_n, T, S, LEFT, RIGHT):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end,
                T, S, D, LEFT, RIGHT, qk_scale,
                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
-        kv_mask = d_ok[:, None] & (offs_n[None, :] < S)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
+        # Mask-free blocks lie inside [0, S): on GPU with D == BLOCK_D their loads need no mask.
+        if MASKED or UPCAST or not EVEN_D:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                         mask=d_ok[:, None] & (offs_n[None, :] < S), other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
@@ -105,8 +109,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
+        if MASKED or UPCAST or not EVEN_D:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -121,7 +128,8 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     H, T, S, D, GROUP, LEFT, RIGHT, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr = False,
+    BIG_D: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -145,13 +153,13 @@ def attention_fwd_kernel(
     lo, hi, full_lo, full_hi = _kv_range(m0, T, S, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, lo, full_lo, T, S, D, LEFT, RIGHT, qk_scale,
-                               True, BLOCK_N, UPCAST, DOT_PREC)
+                               True, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, full_lo, full_hi, T, S, D, LEFT, RIGHT, qk_scale,
-                               False, BLOCK_N, UPCAST, DOT_PREC)
+                               False, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale,
-                               True, BLOCK_N, UPCAST, DOT_PREC)
+                               True, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
