@@ -252,3 +252,19 @@ def test_params_without_grad_are_skipped_and_empty_tensors_work():
     before = p[1].detach().clone()
     opt.step()
     assert not torch.equal(p[1], before)
+
+
+def test_state_dict_is_a_snapshot_of_step_counts():
+    """A state_dict taken mid-training keeps its step counts while training goes on, and the
+    optimizer's own steps keep counting (checkpoints rely on both)."""
+    p = make_params("cpu", shapes=[(5,), (7,)])
+    opt = FusedAdamW(p)
+    set_grads(0, p)
+    opt.step()
+    sd = opt.state_dict()
+    for step in range(1, 4):
+        set_grads(step, p)
+        opt.step()
+    assert [s["step"].item() for s in sd["state"].values()] == [1.0, 1.0]
+    assert [opt.state[x]["step"].item() for x in p] == [4.0, 4.0]
+    assert [s["step"].item() for s in opt.state_dict()["state"].values()] == [4.0, 4.0]

@@ -84,10 +84,13 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        # torch.optim.AdamW (not fused/capturable) keeps step counts on the CPU.
-        for s in sd["state"].values():
-            if "step" in s:  # a copy: ours is a view into the bucket's step vector
-                s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)
+        # New per-param dicts: Optimizer.state_dict() hands back our live ones. Steps become CPU
+        # copies (torch.optim.AdamW, not fused/capturable, keeps them there; ours are views
+        # into the bucket's step vector, which later steps would keep changing).
+        sd["state"] = {
+            k: {**s, "step": s["step"].detach().to("cpu", torch.float32, copy=True)} if "step" in s else dict(s)
+            for k, s in sd["state"].items()
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
