@@ -66,6 +66,23 @@ def setup_distributed(cfg: TrainConfig):
     return mesh_lib.init_mesh(cfg.tp, device.type), device
 
 
+def choose_cpu_threads(cfg: TrainConfig, say) -> None:
+    """threads=0: torch's default, unless the machine's load average already exceeds its cores;
+    then 1, since OpenMP threads that lose their core stall each other at every barrier (on a
+    shared 2-core machine at load 5-6 a step took ~5x longer with 2 threads than with 1)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if torch.get_num_threads() > 1 and load > cores:
+        torch.set_num_threads(1)
+        say(f"cpu: load average {load:.1f} on {cores} cores, so 1 thread per process (--threads=N to override)")
+
+
 def local_rank_of_process() -> int:
     if "LOCAL_RANK" in os.environ:
         return int(os.environ["LOCAL_RANK"])
@@ -116,6 +133,8 @@ def train(cfg: TrainConfig) -> list:
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     out_dir = Path(cfg.out_dir)
+    if device.type == "cpu":
+        choose_cpu_threads(cfg, say)
 
     # data: local rank 0 tokenizes into the cache while the others wait, then all open it
     local_main = local_rank_of_process() == 0
