@@ -25,13 +25,14 @@ def want_cuda() -> bool:
 
 def extension():
     debug = os.environ.get("DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # Python's own CFLAGS carry -g; -g0 after them drops the debug info (halves build time).
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx = opt + ["-fopenmp"]  # the C++ standard: whatever torch.utils.cpp_extension picks for this torch
     cxx += sources.cpu_arch_flags()
     srcs = sources.cpp_sources()
     if want_cuda():
         srcs += sources.cuda_sources()
-        nvcc = opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = opt[:1] + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         include_dirs = sources.extra_cuda_include_dirs()
         # Recorded in build_info; '+' separates archs so the value survives as one macro token.
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch-default").replace(";", "+").replace(" ", "+")

@@ -16,5 +16,6 @@ trap 'rm -rf "$SCRATCH"' EXIT
 LMK_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
   "$VENV/bin/python" setup.py build_ext --build-lib "$SCRATCH/lib" --build-temp "$SCRATCH/tmp"
 so=$(find "$SCRATCH/lib" -name '_C*.so')
-nm -D --defined-only "$so" | grep -q . || { echo "no symbols in $so"; exit 1; }
+nm -D --defined-only "$so" > "$SCRATCH/symbols"
+grep -q PyInit__C "$SCRATCH/symbols" || { echo "no module entry in $so"; exit 1; }
 echo "CUDA compile check passed: $(ls csrc/cuda/*.cu 2>/dev/null | wc -l) .cu file(s) built into $(basename "$so")"

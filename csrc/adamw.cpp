@@ -29,33 +29,33 @@ at::Device check_adamw_args(const AdamWArgs& a) {
 
   const at::Device device = a.params[0].device();
   for (size_t i = 0; i < n; ++i) {
-    const auto pname = item_name("params", i);
+    const Name pname{"params", i};
     const at::Tensor& p = a.params[i];
     check_float_dtype(op, pname, p);
     check_dense_contiguous(op, pname, p);
     TORCH_CHECK(p.device() == device, op, ": all params must be on one device; params[0] is on ",
-                device, " but ", pname, " is on ", p.device());
-    TORCH_CHECK(!a.grads[i].is_sparse(), op, ": ", item_name("grads", i),
+                device, " but ", pname.str(), " is on ", p.device());
+    TORCH_CHECK(!a.grads[i].is_sparse(), op, ": ", Name{"grads", i},
                 " is sparse; fused_adamw_ does not support sparse gradients");
-    check_like(op, item_name("grads", i), a.grads[i], pname, p, /*allow_fp32=*/false);
+    check_like(op, Name{"grads", i}, a.grads[i], pname, p, /*allow_fp32=*/false);
     const bool master = !a.master_params.empty();
     if (master) {
-      check_like(op, item_name("master_params", i), a.master_params[i], pname, p, true);
+      check_like(op, Name{"master_params", i}, a.master_params[i], pname, p, true);
       TORCH_CHECK(a.master_params[i].scalar_type() == at::kFloat, op, ": ",
-                  item_name("master_params", i), " must be float32");
+                  Name{"master_params", i}, " must be float32");
     }
-    check_like(op, item_name("exp_avgs", i), a.exp_avgs[i], pname, p, true);
-    check_like(op, item_name("exp_avg_sqs", i), a.exp_avg_sqs[i], pname, p, true);
+    check_like(op, Name{"exp_avgs", i}, a.exp_avgs[i], pname, p, true);
+    check_like(op, Name{"exp_avg_sqs", i}, a.exp_avg_sqs[i], pname, p, true);
     TORCH_CHECK(a.exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(), op, ": ",
-                item_name("exp_avg_sqs", i), " and ", item_name("exp_avgs", i),
+                Name{"exp_avg_sqs", i}, " and ", Name{"exp_avgs", i},
                 " must share a dtype");
     if (a.amsgrad) {
-      check_like(op, item_name("max_exp_avg_sqs", i), a.max_exp_avg_sqs[i], pname, p, true);
+      check_like(op, Name{"max_exp_avg_sqs", i}, a.max_exp_avg_sqs[i], pname, p, true);
       TORCH_CHECK(a.max_exp_avg_sqs[i].scalar_type() == a.exp_avgs[i].scalar_type(), op, ": ",
-                  item_name("max_exp_avg_sqs", i), " must have the dtype of ",
-                  item_name("exp_avgs", i));
+                  Name{"max_exp_avg_sqs", i}, " must have the dtype of ",
+                  Name{"exp_avgs", i});
     }
-    check_scalar_f32(op, item_name("state_steps", i), a.state_steps[i], device);
+    check_scalar_f32(op, Name{"state_steps", i}, a.state_steps[i], device);
   }
   if (n > 1) {
     // One kernel instantiation per call: the dtypes must be uniform across the list.
@@ -63,18 +63,25 @@ at::Device check_adamw_args(const AdamWArgs& a) {
       TORCH_CHECK(a.params[i].scalar_type() == a.params[0].scalar_type() &&
                       a.exp_avgs[i].scalar_type() == a.exp_avgs[0].scalar_type(),
                   op, ": all params (and all exp_avgs) of one call must share a dtype; ",
-                  item_name("params", i), " is ", a.params[i].scalar_type(), " but params[0] is ",
+                  Name{"params", i}, " is ", a.params[i].scalar_type(), " but params[0] is ",
                   a.params[0].scalar_type());
     }
   }
-  if (a.lr_tensor) check_scalar_f32(op, "lr_tensor", *a.lr_tensor, device);
-  if (a.inv_scale) check_scalar_f32(op, "inv_scale", *a.inv_scale, device);
-  if (a.found_inf) check_scalar_f32(op, "found_inf", *a.found_inf, device);
+  if (a.lr_tensor) check_scalar_f32(op, Name{"lr_tensor"}, *a.lr_tensor, device);
+  if (a.inv_scale) check_scalar_f32(op, Name{"inv_scale"}, *a.inv_scale, device);
+  if (a.found_inf) check_scalar_f32(op, Name{"found_inf"}, *a.found_inf, device);
   return device;
 }
 
 namespace {
 void fused_adamw_check(LMK_ADAMW_PARAMS) { check_adamw_args(LMK_ADAMW_ARGS); }
+
+// A sparse tensor anywhere sends the call to the Sparse* keys: answer with the checks' message
+// (which names the sparse argument) instead of the dispatcher's "could not run".
+void fused_adamw_sparse(LMK_ADAMW_PARAMS) {
+  check_adamw_args(LMK_ADAMW_ARGS);
+  TORCH_CHECK(false, "fused_adamw_: sparse tensors are not supported");
+}
 }  // namespace
 
 }  // namespace lmk
@@ -101,3 +108,6 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
 TORCH_LIBRARY_IMPL(lmkernels, CompositeExplicitAutograd, m) {
   m.impl("fused_adamw_check", &lmk::fused_adamw_check);
 }
+
+TORCH_LIBRARY_IMPL(lmkernels, SparseCPU, m) { m.impl("fused_adamw_", &lmk::fused_adamw_sparse); }
+TORCH_LIBRARY_IMPL(lmkernels, SparseCUDA, m) { m.impl("fused_adamw_", &lmk::fused_adamw_sparse); }

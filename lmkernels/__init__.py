@@ -1,7 +1,7 @@
 """lmkernels: fused kernels, data/tensor parallelism and a thin trainer for GPT training."""
-import torch  # noqa: F401  (first: lmkernels._C links against libtorch/libc10)
+import torch  # noqa: F401  (loads libtorch/libc10, which lmkernels._C links against)
 
-from lmkernels._extension import build_info, load_extension  # noqa: E402
+from lmkernels._extension import build_info, load_extension
 
 load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
 

@@ -28,18 +28,19 @@ constexpr int64_t kChunk = 16384;  // elements per work item: 64 KB of fp32, L2-
 constexpr int64_t kTile = 256;     // fp32 staging tile for bf16/fp16 storage (stays in L1)
 
 struct Hyper {
-  float lr, beta1, beta2, eps, weight_decay, inv_scale;
+  // 1 - beta is formed in double on the host: 1.f - 0.9f is 2e-7 off 0.1, which moves m by ulps.
+  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, inv_scale;
   bool amsgrad, maximize, adam_w_mode;
 };
 
 // The update on fp32 arrays; `vmax` is null unless amsgrad.
 void adam_math(float* p, const float* g, float* m, float* v, float* vmax, int64_t n,
-               const Hyper& h, float step_size, float inv_bc2_sqrt) {
+               const Hyper& h, float step_size, float bc2_sqrt) {
   const float decay = h.adam_w_mode ? 1.f - h.lr * h.weight_decay : 1.f;
   const float l2 = h.adam_w_mode ? 0.f : h.weight_decay;
   const float gsign = h.maximize ? -h.inv_scale : h.inv_scale;
-  const Vec vdecay(decay), vl2(l2), vgs(gsign), vb1c(1.f - h.beta1), vb2(h.beta2),
-      vb2c(1.f - h.beta2), vbc2(inv_bc2_sqrt), veps(h.eps), vstep(-step_size);
+  const Vec vdecay(decay), vl2(l2), vgs(gsign), vb1c(h.one_minus_beta1), vb2(h.beta2),
+      vb2c(h.one_minus_beta2), vbc2(bc2_sqrt), veps(h.eps), vstep(-step_size);
   int64_t i = 0;
   auto body = [&](int64_t off, int64_t cnt) {
     Vec pv = Vec::loadu(p + off, cnt);
@@ -54,7 +55,9 @@ void adam_math(float* p, const float* g, float* m, float* v, float* vmax, int64_
       vden = at::vec::maximum(Vec::loadu(vmax + off, cnt), vv);
       vden.store(vmax + off, cnt);
     }
-    Vec denom = at::vec::fmadd(vden.sqrt(), vbc2, veps);
+    // Divide by sqrt(1 - beta2^t) as torch does: a rounded reciprocal would bias every element
+    // of every step the same way, and that error adds up over steps.
+    Vec denom = vden.sqrt() / vbc2 + veps;
     pv = at::vec::fmadd(vstep, mv / denom, pv);
     pv.store(p + off, cnt);
     mv.store(m + off, cnt);
@@ -70,7 +73,7 @@ inline c10::BFloat16 round_stochastic(float x, uint32_t rnd) {
   if (!std::isfinite(x)) return c10::BFloat16(x);
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  bits += rnd & 0xFFFFu;
+  bits += rnd >> 16;  // 16 random bits (the hash's high half)
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
@@ -88,16 +91,18 @@ struct Work {
 };
 
 template <typename param_t, typename state_t>
-void run(const AdamWArgs& a, const Hyper& h) {
+void run(const AdamWArgs& a, const Hyper& h, double lr) {
   const size_t n = a.params.size();
   const bool master = !a.master_params.empty();
   const bool sr = a.stochastic_rounding_seed >= 0;
-  std::vector<float> step_size(n), inv_bc2_sqrt(n);
+  std::vector<float> step_size(n), bc2_sqrt(n);
   std::vector<Work> work;
   for (size_t t = 0; t < n; ++t) {
     const double step = *a.state_steps[t].data_ptr<float>();
-    step_size[t] = static_cast<float>(h.lr / (1.0 - std::pow(double(h.beta1), step)));
-    inv_bc2_sqrt[t] = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(double(h.beta2), step)));
+    // Bias corrections in double from the double betas: 1 - beta2^t is a small difference, and
+    // float(0.999) alone moves it by 1e-5 relative.
+    step_size[t] = static_cast<float>(lr / (1.0 - std::pow(a.beta1, step)));
+    bc2_sqrt[t] = static_cast<float>(std::sqrt(1.0 - std::pow(a.beta2, step)));
     const int64_t numel = a.params[t].numel();
     for (int64_t b = 0; b < numel; b += kChunk) work.push_back({int64_t(t), b, std::min(numel, b + kChunk)});
   }
@@ -116,7 +121,7 @@ void run(const AdamWArgs& a, const Hyper& h) {
         // fp32 everywhere: update the storage directly, no staging.
         const int64_t b = job.begin, len = job.end - job.begin;
         adam_math(P + b, G + b, M + b, V + b, X ? X + b : nullptr, len, h, step_size[t],
-                  inv_bc2_sqrt[t]);
+                  bc2_sqrt[t]);
         continue;
       }
       for (int64_t b = job.begin; b < job.end; b += kTile) {
@@ -136,7 +141,7 @@ void run(const AdamWArgs& a, const Hyper& h) {
           to_float(V + b, vbuf, len);
           if (X) to_float(X + b, xbuf, len);
         }
-        adam_math(p, gbuf, m, v, x, len, h, step_size[t], inv_bc2_sqrt[t]);
+        adam_math(p, gbuf, m, v, x, len, h, step_size[t], bc2_sqrt[t]);
         if constexpr (!std::is_same_v<state_t, float>) {
           from_float(mbuf, M + b, len);
           from_float(vbuf, V + b, len);
@@ -163,16 +168,18 @@ void fused_adamw_cpu(LMK_ADAMW_PARAMS) {
   TORCH_CHECK(params[0].is_cpu(), "fused_adamw_ (CPU kernel): params must be CPU tensors");
   // A GradScaler found inf/NaN gradients: the step changes nothing.
   if (found_inf && *found_inf->data_ptr<float>() != 0.f) return;
-  Hyper h{static_cast<float>(lr_tensor ? double(*lr_tensor->data_ptr<float>()) : lr),
-          float(beta1), float(beta2), float(eps), float(weight_decay),
+  const double lr_value = lr_tensor ? double(*lr_tensor->data_ptr<float>()) : lr;
+  Hyper h{static_cast<float>(lr_value),
+          float(beta1), float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(eps),
+          float(weight_decay),
           inv_scale ? *inv_scale->data_ptr<float>() : 1.f, amsgrad, maximize, adam_w_mode};
   const bool state_f32 = exp_avgs[0].scalar_type() == at::kFloat;
   switch (params[0].scalar_type()) {
-    case at::kFloat: return run<float, float>(a, h);
+    case at::kFloat: return run<float, float>(a, h, lr_value);
     case at::kBFloat16:
-      return state_f32 ? run<c10::BFloat16, float>(a, h) : run<c10::BFloat16, c10::BFloat16>(a, h);
+      return state_f32 ? run<c10::BFloat16, float>(a, h, lr_value) : run<c10::BFloat16, c10::BFloat16>(a, h, lr_value);
     case at::kHalf:
-      return state_f32 ? run<c10::Half, float>(a, h) : run<c10::Half, c10::Half>(a, h);
+      return state_f32 ? run<c10::Half, float>(a, h, lr_value) : run<c10::Half, c10::Half>(a, h, lr_value);
     default: TORCH_CHECK(false, "unreachable: dtype checked above");
   }
 }

@@ -19,7 +19,8 @@ constexpr int64_t kChunk = 65536;
 constexpr int kThreads = 512;
 
 struct Hyper {
-  float lr, beta1, beta2, eps, weight_decay;
+  double lr, beta1, beta2;  // for the bias corrections, formed in double once per block
+  float one_minus_beta1, one_minus_beta2, eps, weight_decay;  // 1 - beta formed in double
   bool amsgrad, maximize, adam_w_mode, master, stochastic_rounding;
   uint32_t seed;
 };
@@ -57,7 +58,7 @@ __device__ __forceinline__ void store(T* p, const float (&in)[kILP], int64_t i, 
 
 __device__ __forceinline__ c10::BFloat16 round_stochastic(float x, uint32_t rnd) {
   if (!isfinite(x)) return c10::BFloat16(x);
-  const uint32_t bits = __float_as_uint(x) + (rnd & 0xFFFFu);
+  const uint32_t bits = __float_as_uint(x) + (rnd >> 16);  // the hash's high half
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
@@ -68,14 +69,18 @@ struct AdamFunctor {
                              const float* inv_scale_ptr, const float* found_inf_ptr) const {
     // A GradScaler found inf/NaN gradients: the step changes nothing.
     if (found_inf_ptr != nullptr && *found_inf_ptr != 0.f) return;
-    const float lr = lr_ptr != nullptr ? *lr_ptr : h.lr;
+    const double lr_d = lr_ptr != nullptr ? double(*lr_ptr) : h.lr;
+    const float lr = static_cast<float>(lr_d);
     const float inv_scale = inv_scale_ptr != nullptr ? *inv_scale_ptr : 1.f;
     const float step = *static_cast<const float*>(meta.addresses[6][slot]);
-    const float step_size = lr / (1.f - powf(h.beta1, step));
-    const float inv_bc2_sqrt = rsqrtf(1.f - powf(h.beta2, step));
+    // Bias corrections in double: 1 - beta2^t is a small difference that fp32 gets 1e-5 wrong.
+    // Divide by sqrt(1 - beta2^t) as torch does (a rounded reciprocal biases every element alike).
+    const float step_size = static_cast<float>(lr_d / (1.0 - pow(h.beta1, double(step))));
+    const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, double(step))));
     const float decay = h.adam_w_mode ? 1.f - lr * h.weight_decay : 1.f;
     const float l2 = h.adam_w_mode ? 0.f : h.weight_decay;
     const float gsign = h.maximize ? -inv_scale : inv_scale;
+    const float beta2 = static_cast<float>(h.beta2);
 
     auto* P = static_cast<param_t*>(meta.addresses[0][slot]);
     auto* G = static_cast<const param_t*>(meta.addresses[1][slot]);
@@ -107,11 +112,11 @@ struct AdamFunctor {
         float gj = g[j] * gsign;
         gj = fmaf(l2, p[j], gj);
         p[j] *= decay;
-        m[j] = fmaf(1.f - h.beta1, gj - m[j], m[j]);
-        v[j] = fmaf((1.f - h.beta2) * gj, gj, v[j] * h.beta2);
+        m[j] = fmaf(h.one_minus_beta1, gj - m[j], m[j]);
+        v[j] = fmaf(h.one_minus_beta2 * gj, gj, v[j] * beta2);
         float vden = v[j];
         if (h.amsgrad) vden = x[j] = fmaxf(x[j], v[j]);
-        p[j] = fmaf(-step_size, m[j] / fmaf(sqrtf(vden), inv_bc2_sqrt, h.eps), p[j]);
+        p[j] = fmaf(-step_size, m[j] / (sqrtf(vden) / bc2_sqrt + h.eps), p[j]);
       }
       store(M, m, i, end, vec);
       store(V, v, i, end, vec);
@@ -156,7 +161,8 @@ void fused_adamw_cuda(LMK_ADAMW_PARAMS) {
   check_adamw_args(a);
   if (params.empty()) return;
   TORCH_CHECK(params[0].is_cuda(), "fused_adamw_ (CUDA kernel): params must be CUDA tensors");
-  const Hyper h{float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), amsgrad,
+  const Hyper h{lr, beta1, beta2, float(1.0 - beta1), float(1.0 - beta2),
+                float(eps), float(weight_decay), amsgrad,
                 maximize, adam_w_mode, !master_params.empty(), stochastic_rounding_seed >= 0,
                 static_cast<uint32_t>(stochastic_rounding_seed & 0xFFFFFFFF)};
   const bool state_f32 = exp_avgs[0].scalar_type() == at::kFloat;

@@ -6,6 +6,7 @@ torch.ops.lmkernels.fused_adamw_triton_  the Triton kernel (lmkernels/triton/ada
 The caller increments state_steps (float32, one per tensor) before the call, as torch's
 fused AdamW does. Math: lmkernels/reference/adamw.py.
 """
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -34,7 +35,7 @@ _TABLE_CACHE_MAX = 64
 
 
 def _work_tables(lists: Sequence[Sequence[torch.Tensor]], chunk: int, device: torch.device):
-    params = lists[kernels.PARAM]
+    params = lists[kernels.ROW_PARAM]
     key = (device, chunk) + tuple(
         tuple((t.data_ptr(), t.numel()) for t in lst) for lst in lists
     )
@@ -92,13 +93,16 @@ def _fused_adamw_triton(
     dummy = table  # never read when the matching flag is off
     kernels.fused_adamw_kernel[(work_tensor.numel(),)](
         table, numel, work_tensor, work_start, len(live),
-        lr, lr_tensor if lr_tensor is not None else dummy, beta1, beta2, eps, weight_decay,
+        lr, lr_tensor if lr_tensor is not None else dummy,
+        # Formed in double here: in fp32, 1 - 0.9 is 2e-7 off and log(beta) loses digits.
+        math.log(beta1) if beta1 > 0 else -1e30, math.log(beta2) if beta2 > 0 else -1e30, beta2,
+        1.0 - beta1, 1.0 - beta2, eps, weight_decay,
         inv_scale if inv_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         max(stochastic_rounding_seed, 0) & 0xFFFFFFFF,
         PARAM_DTYPE=_tl_dtype(params[0].dtype), STATE_DTYPE=_tl_dtype(exp_avgs[0].dtype),
         HAS_LR_TENSOR=lr_tensor is not None, HAS_INV_SCALE=inv_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, MASTER=len(master_params) > 0,
+        HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, HAS_MASTER=len(master_params) > 0,
         MAXIMIZE=maximize, ADAMW=adam_w_mode, STOCHASTIC_ROUNDING=stochastic_rounding_seed >= 0,
         CHUNK=chunk, BLOCK=block, num_warps=4,
     )

@@ -56,9 +56,11 @@ class FusedAdamW(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.stochastic_rounding = stochastic_rounding
         self.backend = backend
+        self._plans: dict = {}  # group index -> (ids of params with grad, [_Bucket])
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._plans = {}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -84,12 +86,13 @@ class FusedAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         # torch.optim.AdamW (not fused/capturable) keeps step counts on the CPU.
         for s in sd["state"].values():
-            if "step" in s:
-                s["step"] = s["step"].detach().to("cpu", torch.float32)
+            if "step" in s:  # a copy: ours is a view into the bucket's step vector
+                s["step"] = s["step"].detach().to("cpu", torch.float32, copy=True)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._plans = {}
         # Bring loaded state to what the kernel expects: step on the param's device as float32,
         # float32 moments for low-precision params, contiguous buffers, master copies.
         for group in self.param_groups:
@@ -122,21 +125,30 @@ class FusedAdamW(torch.optim.Optimizer):
             self._step_group(gi, group, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, gi: int, group: dict, grad_scale, found_inf) -> None:
-        # Bucket by (device, dtype): one kernel call per bucket.
-        buckets: dict = {}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        if len(buckets) > 1 and len({d for d, _ in buckets}) > 1:
+    def _plan(self, gi: int, group: dict) -> list["_Bucket"]:
+        """The kernel calls for this group: one per (device, dtype) of the params that have a
+        grad. Cached while that set of params stays the same, so a step costs no per-tensor
+        Python work beyond collecting the grads."""
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        key = tuple(map(id, with_grad))
+        cached = self._plans.get(gi)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        by_kind: dict = {}
+        for p in with_grad:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        if len({device for device, _ in by_kind}) > 1:
             self._raise_mixed_devices(gi, group)
+        buckets = [_Bucket(params, [self._init_state(p, group) for p in params], group)
+                   for params in by_kind.values()]
+        self._plans[gi] = (key, buckets)
+        return buckets
+
+    def _step_group(self, gi: int, group: dict, grad_scale, found_inf) -> None:
         beta1, beta2 = group["betas"]
-        for (device, dtype), params in buckets.items():
-            states = [self._init_state(p, group) for p in params]
-            steps = [s["step"] for s in states]
-            torch._foreach_add_(steps, 1.0)
-            master = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        for bucket in self._plan(gi, group):
+            device = bucket.device
+            bucket.flat_steps.add_(1.0)
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = lr.to(device=device, dtype=torch.float32)
@@ -146,25 +158,25 @@ class FusedAdamW(torch.optim.Optimizer):
             if found_inf is not None:
                 inf = found_inf.to(device=device, dtype=torch.float32)
             seed = -1
-            if self.stochastic_rounding and dtype == torch.bfloat16 and not master:
+            if self.stochastic_rounding and bucket.dtype == torch.bfloat16 and not bucket.masters:
                 seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            grads = [p.grad for p in params]
+            grads = [p.grad for p in bucket.params]
             try:
                 fused_adamw_(
-                    params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    steps, lr=lr, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    bucket.params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, lr=lr,
+                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                     maximize=group["maximize"], adam_w_mode=group["decoupled_weight_decay"],
-                    max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else (),
-                    master_params=master, inv_scale=inv_scale, found_inf=inf,
-                    stochastic_rounding_seed=seed, backend=self.backend,
+                    max_exp_avg_sqs=bucket.max_exp_avg_sqs, master_params=bucket.masters,
+                    inv_scale=inv_scale, found_inf=inf, stochastic_rounding_seed=seed,
+                    backend=self.backend,
                 )
             except (RuntimeError, ValueError):
-                torch._foreach_sub_(steps, 1.0)
-                self._diagnose(gi, group, params, grads)
+                bucket.flat_steps.sub_(1.0)
+                self._diagnose(gi, group, bucket.params, grads)
                 raise
             if inf is not None:
-                torch._foreach_sub_(steps, inf)  # a skipped step does not count
+                bucket.flat_steps.sub_(inf)  # a skipped step does not count
 
     # --- errors that name the parameter ----------------------------------------------------
 
@@ -201,3 +213,20 @@ class FusedAdamW(torch.optim.Optimizer):
                 what = "(or its gradient) is not contiguous"
             if what is not None:
                 raise ValueError(f"FusedAdamW: {self._name(gi, group, p)} {what}")
+
+
+class _Bucket:
+    """The tensors of one kernel call. Step counts live in one vector per bucket, and each
+    param's state["step"] is a 0-d view into it: one add_ per step instead of one per tensor."""
+
+    def __init__(self, params: list, states: list, group: dict):
+        self.params = params
+        self.device, self.dtype = params[0].device, params[0].dtype
+        self.exp_avgs = [s["exp_avg"] for s in states]
+        self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
+        self.masters = [s["master_param"] for s in states] if "master_param" in states[0] else []
+        self.flat_steps = torch.stack([s["step"].reshape(()).to(self.device, torch.float32) for s in states])
+        for i, s in enumerate(states):
+            s["step"] = self.flat_steps[i]
+        self.steps = [s["step"] for s in states]

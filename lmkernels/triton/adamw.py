@@ -16,7 +16,7 @@ import triton.language as tl
 from lmkernels.triton._common import cast_for_store
 
 # Rows of the address table.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER, STEP = range(7)
+ROW_PARAM, ROW_GRAD, ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_MASTER, ROW_STEP = range(7)
 
 
 @triton.jit
@@ -32,25 +32,36 @@ def _sr_hash(seed, tensor, index):
 
 
 @triton.jit
+def _one_minus_pow(log_beta, step):
+    """1 - beta^step = -expm1(step * log(beta)), accurate in fp32.
+
+    1 - beta2^t is a small difference (0.004 for beta2 = 0.999, t = 4): 1 - exp(x) in fp32
+    loses ~1e-5 of it, so small |x| uses the Taylor series of expm1 (8 terms: < 1e-8 at 0.5)."""
+    x = step * log_beta
+    series = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (1 + x / 7 * (1 + x / 8)))))))
+    return tl.where(x > -0.5, -series, 1.0 - tl.exp(x))
+
+
+@triton.jit
 def fused_adamw_kernel(
     table_ptr, numel_ptr, work_tensor_ptr, work_start_ptr, n_tensors,
-    lr, lr_ptr, beta1, beta2, eps, weight_decay, inv_scale_ptr, found_inf_ptr, seed,
+    lr, lr_ptr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, inv_scale_ptr, found_inf_ptr, seed,
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     HAS_LR_TENSOR: tl.constexpr, HAS_INV_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr, ADAMW: tl.constexpr,
+    AMSGRAD: tl.constexpr, HAS_MASTER: tl.constexpr, MAXIMIZE: tl.constexpr, ADAMW: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     w = tl.program_id(0)
     t = tl.load(work_tensor_ptr + w)
     start = tl.load(work_start_ptr + w)
     numel = tl.load(numel_ptr + t)
-    p_ptr = tl.load(table_ptr + PARAM * n_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = tl.load(table_ptr + GRAD * n_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
-    m_ptr = tl.load(table_ptr + EXP_AVG * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
-    v_ptr = tl.load(table_ptr + EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
-    x_ptr = tl.load(table_ptr + MAX_EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
-    w_ptr = tl.load(table_ptr + MASTER * n_tensors + t).to(tl.pointer_type(tl.float32))
-    step = tl.load(tl.load(table_ptr + STEP * n_tensors + t).to(tl.pointer_type(tl.float32)))
+    p_ptr = tl.load(table_ptr + ROW_PARAM * n_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(table_ptr + ROW_GRAD * n_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
+    m_ptr = tl.load(table_ptr + ROW_EXP_AVG * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
+    v_ptr = tl.load(table_ptr + ROW_EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
+    x_ptr = tl.load(table_ptr + ROW_MAX_EXP_AVG_SQ * n_tensors + t).to(tl.pointer_type(STATE_DTYPE))
+    w_ptr = tl.load(table_ptr + ROW_MASTER * n_tensors + t).to(tl.pointer_type(tl.float32))
+    step = tl.load(tl.load(table_ptr + ROW_STEP * n_tensors + t).to(tl.pointer_type(tl.float32)))
 
     if HAS_LR_TENSOR:
         lr = tl.load(lr_ptr)
@@ -58,11 +69,12 @@ def fused_adamw_kernel(
     if HAS_INV_SCALE:
         inv_scale = tl.load(inv_scale_ptr)
     # A GradScaler found inf/NaN: every store is masked off, the step changes nothing.
-    go = True
+    store_limit = numel
     if HAS_FOUND_INF:
-        go = tl.load(found_inf_ptr) == 0.0
-    step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
-    inv_bc2_sqrt = 1.0 / tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+        store_limit = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
+    step_size = lr / _one_minus_pow(log_beta1, step)
+    # Divide by sqrt(1 - beta2^t) as torch does (a rounded reciprocal biases every element alike).
+    bc2_sqrt = tl.sqrt(_one_minus_pow(log_beta2, step))
     gsign = inv_scale
     if MAXIMIZE:
         gsign = -inv_scale
@@ -70,8 +82,8 @@ def fused_adamw_kernel(
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
-        smask = mask & go
-        if MASTER:
+        smask = idx < store_limit
+        if HAS_MASTER:
             p = tl.load(w_ptr + idx, mask=mask, other=0.0)
         else:
             p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -82,20 +94,20 @@ def fused_adamw_kernel(
             p = p * (1.0 - lr * weight_decay)
         else:
             g = g + weight_decay * p
-        m = m + (1.0 - beta1) * (g - m)
-        v = beta2 * v + (1.0 - beta2) * g * g
+        m = m + one_minus_beta1 * (g - m)
+        v = beta2 * v + one_minus_beta2 * g * g
         vden = v
         if AMSGRAD:
             vden = tl.maximum(tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
             tl.store(x_ptr + idx, cast_for_store(vden, STATE_DTYPE), mask=smask)
-        p = p - step_size * m / (tl.sqrt(vden) * inv_bc2_sqrt + eps)
+        p = p - step_size * m / (tl.sqrt(vden) / bc2_sqrt + eps)
         tl.store(m_ptr + idx, cast_for_store(m, STATE_DTYPE), mask=smask)
         tl.store(v_ptr + idx, cast_for_store(v, STATE_DTYPE), mask=smask)
-        if MASTER:
+        if HAS_MASTER:
             tl.store(w_ptr + idx, p, mask=smask)
         if STOCHASTIC_ROUNDING:
-            # fp32 -> bf16 by adding 16 random low bits before truncation (unbiased).
-            rnd = _sr_hash(seed.to(tl.uint32), t.to(tl.uint32), idx.to(tl.uint32)) & 0xFFFF
+            # fp32 -> bf16 by adding 16 random bits below the kept ones, then truncating (unbiased).
+            rnd = _sr_hash(seed.to(tl.uint32), t.to(tl.uint32), idx.to(tl.uint32)) >> 16
             bits = p.to(tl.uint32, bitcast=True)
             finite = tl.abs(p) < float("inf")
             bits = tl.where(finite, bits + rnd, bits)
