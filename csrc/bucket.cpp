@@ -5,10 +5,24 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include <string>
 
 namespace lmk {
 namespace {
+
+// The checks are local (not csrc/checks.h) so this file depends only on ATen. Messages follow
+// checks.h's style: the op, the argument's name, what was expected and what was given.
+std::string item_name(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+void check_dense_contiguous(const char* op, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor; got ",
+              t.layout());
+  TORCH_CHECK(!t.is_complex(), op, ": ", name, " must be real; got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
 
 void check_bucket_dtype(const char* op, const std::string& name, const at::Tensor& t) {
   const auto d = t.scalar_type();

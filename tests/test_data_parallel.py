@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from _dist import DistributedTestError, run_distributed
+from tests._dist import DistributedTestError, run_distributed
 
 VOCAB, DIM, SEQ, HIDDEN = 37, 24, 9, 61
 
@@ -162,6 +162,8 @@ def _grad_cases(case_names, steps=2):
         ddp = _ddp(copy.deepcopy(model), case)
         nparams = len({id(p) for p in model.parameters() if p.requires_grad})
         assert sum(len(b) for b in ours.bucket_layout) == nparams  # tied weight counted once
+        assert "frozen" not in sum(ours.bucket_layout, [])  # requires_grad=False: left out
+        initial_layout = ours.bucket_layout
         for step in range(steps):
             idx, tgt = _batch(step, 6 * world * micro)
             my_idx, my_tgt = _shard(idx, rank, world), _shard(tgt, rank, world)
@@ -182,6 +184,12 @@ def _grad_cases(case_names, steps=2):
                 for b in ours._buckets:  # .grad are views of the buckets (no copies)
                     for p, v in zip(b.params, b.views):
                         assert p.grad is None or p.grad.data_ptr() == v.data_ptr()
+        if case["name"] == "one param per bucket":
+            # Filled in reverse registration order, then rebuilt once in the order gradients
+            # arrived: the unused branch (registered last, never ready) moves to the end.
+            names = [n for n, p in ours.module.named_parameters() if p.requires_grad]
+            assert initial_layout == [[n] for n in reversed(names)], initial_layout
+            assert ours.bucket_layout[-1][0].startswith("unused.") and ours.bucket_layout != initial_layout
         tl = ours.last_timeline
         assert tl.backward_end is not None and tl.buckets and tl.exposed_comm() >= 0
         assert len(tl.buckets) == len(ours.bucket_layout)
@@ -224,24 +232,33 @@ def _training(steps=4):
         steps_checked += 1
     # With unused parameters (find_unused_parameters) the overlapped mode still equals the
     # plain mode: parameters unused on every rank are not stepped at all.
-    torch.manual_seed(7)
-    base = TinyGPT()
-    models, opts = [], []
-    for overlap in (False, True):
-        m = copy.deepcopy(base)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-        models.append(BucketedDataParallel(m, bucket_cap_mb=0.004, find_unused_parameters=True,
-                                           overlap_optimizer=opt if overlap else None))
-        opts.append(opt)
-    for step in range(2):
-        idx, tgt = _batch(step, 4 * world)
-        for m, opt in zip(models, opts):
-            opt.zero_grad()
-            m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
-            opt.step()
-        for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
-            assert torch.equal(p, q), f"find_unused step {step}: overlapped differs from plain at {n}"
-    assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
+    # Also with FusedAdamW (lmkernels.optim, on main), whose kernel plans are cached per group.
+    factories = [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)]
+    try:
+        from lmkernels.optim import FusedAdamW
+
+        factories.append(lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.1))
+    except ImportError:  # a branch without lmkernels.optim
+        pass
+    for make_optimizer in factories:
+        torch.manual_seed(7)
+        base = TinyGPT()
+        models, opts = [], []
+        for overlap in (False, True):
+            m = copy.deepcopy(base)
+            opt = make_optimizer(m.parameters())
+            models.append(BucketedDataParallel(m, bucket_cap_mb=0.004, find_unused_parameters=True,
+                                               overlap_optimizer=opt if overlap else None))
+            opts.append(opt)
+        for step in range(3):
+            idx, tgt = _batch(step, 4 * world)
+            for m, opt in zip(models, opts):
+                opt.zero_grad()
+                m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
+                opt.step()
+            for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
+                assert torch.equal(p, q), f"{type(opt).__name__} step {step}: overlapped != plain at {n}"
+        assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
     # Bitwise identical on every rank (verify_replicas, and a direct comparison).
     flat = torch.cat([p.detach().reshape(-1) for p in plain.module.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(world)]

@@ -19,10 +19,8 @@ How it works (the same on NCCL and gloo):
     gradients actually arrived (rank 0's order, broadcast), as DDP does.
 """
 import contextlib
-import copy
 import time
 import weakref
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -484,6 +482,7 @@ class BucketedDataParallel(nn.Module):
             b.reset()
         if self.overlap_optimizer is not None:
             self._bucket_groups = [self._groups_for(b) for b in self._buckets]
+            self._sub_optimizers = [self._sub_optimizer(b) for b in self._buckets]
 
     # ------------------------------------------------------------ overlapped optimizer
     def _setup_overlap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -499,11 +498,7 @@ class BucketedDataParallel(nn.Module):
                 if id(p) in mine:
                     self._opt_index[id(p)] = g
         self._bucket_groups = [self._groups_for(b) for b in self._buckets]
-        # A view of the optimizer that steps one bucket: same state, a subset of the params.
-        sub = copy.copy(optimizer)
-        sub._optimizer_step_pre_hooks = OrderedDict()
-        sub._optimizer_step_post_hooks = OrderedDict()
-        self._sub_optimizer = sub
+        self._sub_optimizers = [self._sub_optimizer(b) for b in self._buckets]
         step_all = type(optimizer).step
 
         def overlapped_step(closure=None):
@@ -518,6 +513,22 @@ class BucketedDataParallel(nn.Module):
         optimizer.step = overlapped_step
         self._step_all = step_all
 
+    def _sub_optimizer(self, bucket: Bucket) -> torch.optim.Optimizer:
+        """A view of the optimizer that steps one bucket: the same `state` (so moments and step
+        counts are the optimizer's own) and `defaults`, its own param_groups (this bucket's
+        params), and empty per-instance dicts in place of the others: hooks, and caches keyed
+        by group index such as FusedAdamW's kernel plans, which must not be shared between
+        bucket subsets."""
+        opt = self.overlap_optimizer
+        # Not copy.copy: torch.optim.Optimizer's __getstate__ keeps only defaults, state and
+        # param_groups, dropping a subclass's own attributes (FusedAdamW.master_weights, ...).
+        sub = object.__new__(type(opt))
+        sub.__dict__.update(vars(opt))
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, dict) and name not in ("state", "defaults"):
+                setattr(sub, name, type(value)())
+        return sub
+
     def _groups_for(self, bucket: Bucket) -> list:
         by_group: dict = {}
         for p in bucket.params:
@@ -531,7 +542,7 @@ class BucketedDataParallel(nn.Module):
         groups = self._bucket_groups[bucket.index]
         if not groups:
             return
-        opt, sub = self.overlap_optimizer, self._sub_optimizer
+        opt, sub = self.overlap_optimizer, self._sub_optimizers[bucket.index]
         # Current hyperparameters (an LR scheduler may have changed them) with this bucket's params.
         sub.param_groups = [{**opt.param_groups[g], "params": ps} for g, ps in groups]
         _IN_OVERLAP_STEP = True

@@ -60,7 +60,7 @@ def plot_timeline(steps: dict, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(steps), 1, figsize=(11, 1.9 + 1.3 * len(steps)), squeeze=False)
+    fig, axes = plt.subplots(len(steps), 1, figsize=(12, 1.0 + 1.6 * len(steps)), squeeze=False)
     for ax, (label, tl) in zip(axes[:, 0], steps.items()):
         t0 = tl.forward_start if tl.forward_start is not None else tl.backward_start
         ms = lambda t: (t - t0) * 1e3  # noqa: E731
@@ -80,8 +80,8 @@ def plot_timeline(steps: dict, path: str, title: str = "") -> None:
         ax.set_xlim(0, ms(end) * 1.02 if end is not None else 1)
         ax.set_yticks([0.9, 2.4], ["buckets", "compute"])
         ax.set_title(label, fontsize=9, loc="left")
-        ax.legend(loc="upper left", fontsize=7, ncol=4, bbox_to_anchor=(0.0, -0.28))
-    axes[-1, 0].set_xlabel("ms since forward start")
+        ax.legend(loc="center left", fontsize=7, bbox_to_anchor=(1.005, 0.5), frameon=False)
+        ax.set_xlabel("ms since forward start", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
