@@ -94,9 +94,9 @@ def test_cpu_fp32_full_product(is_causal, window, group, D):
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
-@pytest.mark.parametrize("T,S", ((1, 17), (97, 257), (257, 97), (128, 128)))
+@pytest.mark.parametrize("T,S", ((1, 17), (97, 257), (257, 97)))
 @pytest.mark.parametrize("D", (64, 80))
-@pytest.mark.parametrize("is_causal,window", ((False, None), (True, None), (True, (32, -1)), (False, (5, 7))))
+@pytest.mark.parametrize("is_causal,window", ((True, None), (True, (32, -1)), (False, (5, 7))))
 def test_cpu_low_precision(dtype, T, S, D, is_causal, window):
     run_and_compare("cpu", 2, 4, 2, T, S, D, dtype, is_causal, window)
 

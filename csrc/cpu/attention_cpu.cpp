@@ -24,9 +24,14 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <dlfcn.h>
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -101,49 +106,60 @@ inline void store_from_float(const float* src, T* dst, int64_t n) {
   }
 }
 
-// fp32 keeps the accurate exp; for bf16/fp16 outputs the faster one (1e-6 relative) is
-// far below their rounding.
-template <bool kFastExp>
-inline Vec vexp(Vec x) {
-  if constexpr (kFastExp) return x.exp_u20();
-  else return x.exp();
+// exp on 8 lanes for x <= 88: 2^n * e^r with n = round(x log2 e), r = x - n ln2 (ln2 in two
+// parts), e^r by its degree-7 Taylor polynomial (|r| <= ln2/2: truncation < 6e-9). Measured
+// max relative error 7e-8 (Sleef's exp_u10: 8e-8, at::vec exp_u20: 2.2e-7) at half Sleef's
+// cost; x is clamped to [-87, 88] (exp(-87) ~ 2e-38: no weight that matters). Other SIMD
+// levels use at::vec's exp.
+inline Vec vexp(Vec xv) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256 x = _mm256_min_ps(_mm256_max_ps(xv, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else
+  return xv.exp();
+#endif
 }
 
 inline void fill(float* p, int64_t n, float v) { std::fill(p, p + n, v); }
 
-// x[a:b] *= scale; returns max(x[a:b]).
-inline float scale_and_max(float* x, int64_t a, int64_t b, float scale) {
-  const Vec vs(scale);
+// max(x[a:b])
+inline float row_max_range(const float* x, int64_t a, int64_t b) {
   Vec vmax(kNegInf);
   int64_t c = a;
-  for (; c + Vec::size() <= b; c += Vec::size()) {
-    Vec v = Vec::loadu(x + c) * vs;
-    v.store(x + c);
-    vmax = at::vec::maximum(vmax, v);
-  }
+  for (; c + Vec::size() <= b; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c));
   float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
                                            vmax);
-  for (; c < b; ++c) {
-    x[c] *= scale;
-    m = std::max(m, x[c]);
-  }
+  for (; c < b; ++c) m = std::max(m, x[c]);
   return m;
 }
 
 // x[a:b] = exp(x[a:b] * mul - sub); returns the sum.
-template <bool kFastExp>
 inline float exp_and_sum(float* x, int64_t a, int64_t b, float mul, float sub) {
   const Vec vm(mul), vsub(sub);
   Vec vsum(0.f);
   int64_t c = a;
   for (; c + Vec::size() <= b; c += Vec::size()) {
-    Vec v = vexp<kFastExp>(at::vec::fmsub(Vec::loadu(x + c), vm, vsub));
+    Vec v = vexp(at::vec::fmsub(Vec::loadu(x + c), vm, vsub));
     v.store(x + c);
     vsum = vsum + v;
   }
   if (c < b) {
     const int64_t n = b - c;
-    Vec v = vexp<kFastExp>(at::vec::fmsub(Vec::loadu(x + c, n), vm, vsub));
+    Vec v = vexp(at::vec::fmsub(Vec::loadu(x + c, n), vm, vsub));
     v.store(x + c, n);
     vsum = vsum + Vec::set(Vec(0.f), v, n);
   }
@@ -154,13 +170,20 @@ inline void scale_row(float* x, int64_t n, float s) {
   at::vec::map([s](Vec v) { return v * Vec(s); }, x, x, n);
 }
 
-// Tile sizes (rows x keys). Forward: BQ x BK scores (64 KB at 64 x 256) plus the K and V
-// tiles stay in L2; measured on Zen 3 at T=512..1024, D=64 (see bench/results/attention-cpu.md).
+// Tile sizes. Forward: BQ x BK scores (128 KB at 64 x 512) plus the K and V tiles stay in
+// the 512 KB L2 of Zen 3; 64 x 512 beat 64 x 256, 128 x 512 and 32 x 512 at T=512, D=64
+// fp32 (2 threads). Backward: BQ query rows against all their keys (bwd_k unused).
 struct Blocks {
   int64_t fwd_q, fwd_k, bwd_q, bwd_k;
 };
 inline Blocks choose_blocks(int64_t D) {
-  return D <= 64 ? Blocks{64, 256, 64, 128} : Blocks{64, 128, 32, 128};
+  // LMK_ATTN_BLOCKS="fwd_q,fwd_k,bwd_q" overrides (for tuning runs).
+  static const char* env = std::getenv("LMK_ATTN_BLOCKS");
+  if (env != nullptr) {
+    Blocks b{64, 256, 64, 0};
+    if (std::sscanf(env, "%ld,%ld,%ld", &b.fwd_q, &b.fwd_k, &b.bwd_q) == 3) return b;
+  }
+  return D <= 64 ? Blocks{64, 512, 64, 0} : Blocks{64, 256, 32, 0};
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -177,17 +200,20 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const scalar_t* V = v.const_data_ptr<scalar_t>();
   scalar_t* O = out.data_ptr<scalar_t>();
   float* L = lse.data_ptr<float>();
-  constexpr bool kFast = !std::is_same_v<scalar_t, float>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, float>;
 
   at::parallel_for(0, B * H * nq, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s_buf(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ);
-    std::vector<float> q_buf(kFast ? BQ * D : 0), k_buf(kFast ? BK * D : 0),
-        v_buf(kFast ? BK * D : 0);
+    std::vector<float> q_buf(BQ * D), k_buf(kConvert ? BK * D : 0),
+        v_buf(kConvert ? BK * D : 0);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bh = task / nq, i0 = (task % nq) * BQ, b = bh / H, h = bh % H;
       const int64_t rows = std::min(BQ, T - i0);
       const int64_t kv_off = (b * Hkv + h / group) * S * D;
-      const float* q_tile = as_float(Q + (bh * T + i0) * D, rows * D, q_buf.data());
+      // Q * scale once per block, so the scores come out of the GEMM already scaled.
+      const float* q_src = as_float(Q + (bh * T + i0) * D, rows * D, q_buf.data());
+      at::vec::map([scale](Vec x) { return x * Vec(scale); }, q_buf.data(), q_src, rows * D);
+      const float* q_tile = q_buf.data();
       fill(row_max.data(), rows, kNegInf);
       fill(row_sum.data(), rows, 0.f);
       fill(acc.data(), rows * D, 0.f);
@@ -208,8 +234,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
             continue;
           }
           const float m_old = row_max[r];
-          const float m_new = std::max(m_old, scale_and_max(srow, a, e, scale));
-          const float sum = exp_and_sum<kFast>(srow, a, e, 1.f, m_new);
+          const float m_new = std::max(m_old, row_max_range(srow, a, e));
+          const float sum = exp_and_sum(srow, a, e, 1.f, m_new);
           fill(srow, a, 0.f);
           fill(srow + e, cols - e, 0.f);
           const float alpha = std::exp(m_old - m_new);  // 0 on the row's first tile
@@ -283,7 +309,6 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   scalar_t* dK = dk.data_ptr<scalar_t>();
   scalar_t* dV = dv.data_ptr<scalar_t>();
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;
-  constexpr bool kFast = !kF32;
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     // Probabilities and their gradients for BQ query rows x the keys they see.
@@ -339,7 +364,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
             // P = exp(scale * s - lse), renormalized by its own sum: the saved lse is
             // rounded to fp32, and an exactly normalized row keeps dS = P (dP - sum P dP)
             // as exact as PyTorch's softmax backward (a one-key row gives dS = 0).
-            const float sum = exp_and_sum<kFast>(prow, a, e, scale, L[bh * T + i]);
+            const float sum = exp_and_sum(prow, a, e, scale, L[bh * T + i]);
             scale_row(prow + a, e - a, 1.f / sum);
             fill(prow, a, 0.f);
             fill(prow + e, W - e, 0.f);

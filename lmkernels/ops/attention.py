@@ -76,6 +76,10 @@ def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int
     return (left if left >= 0 else T + S), (right if right >= 0 else T + S)
 
 
+def _dot_precision(dtype: torch.dtype):
+    return "ieee" if dtype == torch.float32 else None  # None: Triton's default (bf16/fp16 MMA)
+
+
 def _block_d(D: int) -> int:
     return max(16, 1 << (D - 1).bit_length())
 
@@ -101,7 +105,8 @@ def _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left,
     kernels.attention_fwd[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, T, S, D, H // Hkv, left, right, scale * kernels.LOG2E,
-        OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted())
+        OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
+        DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
     return out, lse
 
 
@@ -121,7 +126,8 @@ def _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    common = dict(OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted())
+    common = dict(OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
+                  DOT_PREC=_dot_precision(q.dtype))
     qk_scale = scale * kernels.LOG2E
     kernels.attention_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(g),

@@ -16,7 +16,8 @@ dK/dV programs own one kv block (looping over the query heads of their group and
 blocks), dQ programs own one query block: no atomics, deterministic. Key blocks a query
 block cannot see are never visited; blocks entirely inside the mask skip the masking.
 D: any multiple of 8 up to 256, padded to the power of two BLOCK_D with masked loads.
-Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading.
+Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading. fp32
+inputs use IEEE fp32 dots (DOT_PREC "ieee", not TF32), bf16/fp16 the tensor cores.
 """
 import os
 
@@ -46,13 +47,12 @@ def _prune(configs, named_args, **kwargs):
 
 _AUTOTUNE_KEY = ["T", "S", "D", "GROUP", "LEFT", "RIGHT"]
 # H100, bf16: 128 x 128 tiles with 8 warps for the forward (FlashAttention-2 / Triton tutorial
-# choices); the backward splits into narrow-M dK/dV and narrow-N dQ programs.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-                        [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                         [(32, 64, 4, 2), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-                       [(64, 32, 4, 2), (64, 16, 4, 2)])
+# choices); the backward splits into narrow-M dK/dV and narrow-N dQ programs. Two configs per
+# head-dim class keep first-call compile + tuning short (the GPU check has ~90 s).
+_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 4, 3)], [(64, 64, 4, 2), (64, 32, 4, 2)])
+# D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill the registers.
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3)], [(32, 32, 8, 1), (16, 32, 4, 1)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3)], [(32, 32, 8, 1), (64, 32, 8, 1)])
 
 
 @triton.jit
@@ -84,16 +84,21 @@ def _allowed(offs_m, offs_n, T, S, LEFT, RIGHT):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end,
                T, S, D, LEFT, RIGHT, qk_scale,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
-        kv_mask = d_ok[:, None] & (offs_n[None, :] < S)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
+        # Mask-free blocks lie inside [0, S): on GPU with D == BLOCK_D their loads need no mask.
+        if MASKED or UPCAST or not EVEN_D:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                         mask=d_ok[:, None] & (offs_n[None, :] < S), other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             s = tl.where(_allowed(offs_m, offs_n, T, S, LEFT, RIGHT), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -104,11 +109,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
+        if MASKED or UPCAST or not EVEN_D:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -120,7 +128,8 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     H, T, S, D, GROUP, LEFT, RIGHT, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr = False,
+    BIG_D: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -144,13 +153,13 @@ def attention_fwd_kernel(
     lo, hi, full_lo, full_hi = _kv_range(m0, T, S, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, lo, full_lo, T, S, D, LEFT, RIGHT, qk_scale,
-                               True, BLOCK_N, UPCAST)
+                               True, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, full_lo, full_hi, T, S, D, LEFT, RIGHT, qk_scale,
-                               False, BLOCK_N, UPCAST)
+                               False, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale,
-                               True, BLOCK_N, UPCAST)
+                               True, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -203,7 +212,8 @@ def _q_range(n0, T, S, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_gt,
                 offs_n, offs_d, start, end, T, S, D, LEFT, RIGHT, qk_scale,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < D
     for m0 in range(start, end, BLOCK_M):
@@ -219,15 +229,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: p = 0
         # Transposed scores: (BLOCK_N, BLOCK_M), so dK/dV need no transposes of their own.
-        st = tl.dot(k, qt) * qk_scale
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
         if MASKED:
             pt = tl.where(_allowed_t(offs_n, offs_m, T, S, LEFT, RIGHT), pt, 0.0)
-        dv += tl.dot(pt.to(g.dtype), g)
+        dv += tl.dot(pt.to(g.dtype), g, input_precision=DOT_PREC)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        dpt = tl.dot(v, tl.trans(g))
+        dpt = tl.dot(v, tl.trans(g), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -249,7 +259,7 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     H, T, S, D, GROUP, LEFT, RIGHT, scale, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BIG_D: tl.constexpr = False,
 ):
     """One program: dK, dV of keys [n0, n0 + BLOCK_N) of one kv head, summed over its GROUP
     query heads and every query block that sees them."""
@@ -279,13 +289,13 @@ def attention_bwd_dkdv_kernel(
         row = (b * H + h).to(tl.int64) * T
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qt,
                              stride_gt, offs_n, offs_d, lo, full_lo, T, S, D, LEFT, RIGHT,
-                             qk_scale, True, BLOCK_M, UPCAST)
+                             qk_scale, True, BLOCK_M, UPCAST, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qt,
                              stride_gt, offs_n, offs_d, full_lo, full_hi, T, S, D, LEFT, RIGHT,
-                             qk_scale, False, BLOCK_M, UPCAST)
+                             qk_scale, False, BLOCK_M, UPCAST, DOT_PREC)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qt,
                              stride_gt, offs_n, offs_d, full_hi, hi, T, S, D, LEFT, RIGHT,
-                             qk_scale, True, BLOCK_M, UPCAST)
+                             qk_scale, True, BLOCK_M, UPCAST, DOT_PREC)
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkt + offs_d[None, :], cast_for_store(dk, OUT_DTYPE), mask=kv_mask)
@@ -296,7 +306,8 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
               start, end, T, S, D, LEFT, RIGHT, qk_scale,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
@@ -308,13 +319,13 @@ def _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_allowed(offs_m, offs_n, T, S, LEFT, RIGHT), p, 0.0)
-        dp = tl.dot(g, vt)
+        dp = tl.dot(g, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
     return dq
 
 
@@ -326,7 +337,7 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, T, S, D, GROUP, LEFT, RIGHT, scale, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BIG_D: tl.constexpr = False,
 ):
     """One program: dQ of query rows [m0, m0 + BLOCK_M) of one head."""
     pid_m = tl.program_id(0)
@@ -353,11 +364,11 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi, full_lo, full_hi = _kv_range(m0, T, S, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                   lo, full_lo, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST)
+                   lo, full_lo, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST, DOT_PREC)
     dq = _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                   full_lo, full_hi, T, S, D, LEFT, RIGHT, qk_scale, False, BLOCK_N, UPCAST)
+                   full_lo, full_hi, T, S, D, LEFT, RIGHT, qk_scale, False, BLOCK_N, UPCAST, DOT_PREC)
     dq = _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
-                   full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST)
+                   full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m[:, None] * stride_dqt + offs_d[None, :], cast_for_store(dq, OUT_DTYPE), mask=mask)
