@@ -46,7 +46,8 @@ def torch_attention():
 
 
 def train_config(iters: int, out_dir: str, **extra) -> TrainConfig:
-    return TrainConfig(**CONFIG, max_iters=iters, eval_interval=10 ** 9, eval_iters=1, log_interval=10 ** 9,
+    # the reference's thread count, explicitly (the trainer's automatic choice could differ)
+    return TrainConfig(**CONFIG, threads=torch.get_num_threads(), max_iters=iters, eval_interval=10 ** 9, eval_iters=1, log_interval=10 ** 9,
                        sample_tokens=0, out_dir=out_dir, **extra)
 
 

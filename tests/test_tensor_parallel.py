@@ -9,7 +9,7 @@ float32 ulp of the quantity's scale for quantities the single model gets exactly
 import pytest
 import torch
 
-from _dist import run_distributed
+from tests._dist import run_distributed
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -237,7 +237,8 @@ def _dp_tp_training(text_path, cache_dir, out_dir):
     train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/resumed"))
     resumed = train(TrainConfig(**common, max_iters=6, out_dir=f"{out_dir}/resumed", init_from="resume"))
     assert [r["iter"] for r in resumed] == [4, 5]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[4:]]
+    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[4:]]
+    assert got == want, (got, want)
     return True
 
 

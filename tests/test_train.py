@@ -193,7 +193,7 @@ def test_kill_and_resume_repeats_the_losses(tmp_path, corpus):
         while time.time() < deadline:
             metrics = tmp_path / "killed" / "metrics.jsonl"
             if (tmp_path / "killed" / "ckpt" / "latest").exists() and metrics.exists() and max(
-                    [json.loads(line)["iter"] for line in metrics.read_text().splitlines()] or [0]) >= 7:
+                    [json.loads(line)["iter"] for line in metrics.read_text().splitlines()] or [0]) >= 12:
                 break
             assert victim.poll() is None, victim.stderr.read().decode()
             time.sleep(0.05)
@@ -203,7 +203,7 @@ def test_kill_and_resume_repeats_the_losses(tmp_path, corpus):
         victim.send_signal(signal.SIGKILL)
         victim.wait()
     start = ckpt_lib.load_checkpoint(tmp_path / "killed")["iter_num"]
-    assert start >= 5
+    assert start >= 10  # a second checkpoint: the first one's save must not have disturbed the optimizer
     resumed = run(tmp_path / "killed", "--max_iters=20", "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"at iteration {start}" in resumed.stdout

@@ -43,6 +43,8 @@ class TrainConfig:
     tp: int = field(default=1, metadata={"help": "tensor-parallel size; data-parallel size = world / tp"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
+    threads: int = field(default=0, metadata={"help": "CPU threads per process (0: torch's default, or 1 when "
+                                                       "the machine is already busy)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "random seed (weights, batches, dropout)"})
     # evaluation, checkpoints, output
@@ -98,7 +100,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1; got {getattr(cfg, name)}")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "vocab_size"):
+    for name in ("max_iters", "threads", "warmup_iters", "lr_decay_iters", "sample_tokens", "vocab_size"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0; got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:

@@ -33,6 +33,16 @@ def make_optimizer(param_groups, cfg: TrainConfig):
     return FusedAdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
+def optimizer_state_dict(optimizer) -> dict:
+    """optimizer.state_dict() with fresh per-parameter dicts and step counts copied to the CPU.
+    (Works around FusedAdamW.state_dict() replacing the live state's step views with copies,
+    which freezes the step count a later checkpoint records.)"""
+    sd = torch.optim.Optimizer.state_dict(optimizer)
+    sd["state"] = {key: {name: value.detach().to("cpu", torch.float32, copy=True) if name == "step" else value
+                         for name, value in per_param.items()} for key, per_param in sd["state"].items()}
+    return sd
+
+
 def get_lr(it: int, cfg: TrainConfig) -> float:
     """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg.decay_lr:
@@ -64,6 +74,23 @@ def setup_distributed(cfg: TrainConfig):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return mesh_lib.init_mesh(cfg.tp, device.type), device
+
+
+def choose_cpu_threads(cfg: TrainConfig, say) -> None:
+    """threads=0: torch's default, unless the machine's load average already exceeds its cores;
+    then 1, since OpenMP threads that lose their core stall each other at every barrier (on a
+    shared 2-core machine at load 5-6 a step took ~5x longer with 2 threads than with 1)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if torch.get_num_threads() > 1 and load > cores:
+        torch.set_num_threads(1)
+        say(f"cpu: load average {load:.1f} on {cores} cores, so 1 thread per process (--threads=N to override)")
 
 
 def local_rank_of_process() -> int:
@@ -116,6 +143,8 @@ def train(cfg: TrainConfig) -> list:
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     out_dir = Path(cfg.out_dir)
+    if device.type == "cpu":
+        choose_cpu_threads(cfg, say)
 
     # data: local rank 0 tokenizes into the cache while the others wait, then all open it
     local_main = local_rank_of_process() == 0
@@ -189,7 +218,7 @@ def train(cfg: TrainConfig) -> list:
         return out
 
     def save(it: int):
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
+        state = dict(model=model.state_dict(), optimizer=optimizer_state_dict(optimizer), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
                      tp_layout=tp_lib.shard_layout(model))
