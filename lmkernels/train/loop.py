@@ -33,16 +33,6 @@ def make_optimizer(param_groups, cfg: TrainConfig):
     return FusedAdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
-def optimizer_state_dict(optimizer) -> dict:
-    """optimizer.state_dict() with fresh per-parameter dicts and step counts copied to the CPU.
-    (Works around FusedAdamW.state_dict() replacing the live state's step views with copies,
-    which freezes the step count a later checkpoint records.)"""
-    sd = torch.optim.Optimizer.state_dict(optimizer)
-    sd["state"] = {key: {name: value.detach().to("cpu", torch.float32, copy=True) if name == "step" else value
-                         for name, value in per_param.items()} for key, per_param in sd["state"].items()}
-    return sd
-
-
 def get_lr(it: int, cfg: TrainConfig) -> float:
     """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg.decay_lr:
@@ -218,7 +208,7 @@ def train(cfg: TrainConfig) -> list:
         return out
 
     def save(it: int):
-        state = dict(model=model.state_dict(), optimizer=optimizer_state_dict(optimizer), iter_num=it,
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
                      tp_layout=tp_lib.shard_layout(model))
