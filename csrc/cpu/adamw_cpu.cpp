@@ -8,6 +8,7 @@
 //   m   = m + (1 - beta1) * (g - m)
 //   v   = beta2 * v + (1 - beta2) * g^2       (vmax = max(vmax, v) with amsgrad; use vmax)
 //   p  -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// computed as (lr sqrt(1 - beta2^t) / (1 - beta1^t)) * m / (sqrt(v) + eps sqrt(1 - beta2^t)).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,12 +36,12 @@ struct Hyper {
 
 // The update on fp32 arrays; `vmax` is null unless amsgrad.
 void adam_math(float* p, const float* g, float* m, float* v, float* vmax, int64_t n,
-               const Hyper& h, float step_size, float bc2_sqrt) {
+               const Hyper& h, float step_size, float eps_hat) {
   const float decay = h.adam_w_mode ? 1.f - h.lr * h.weight_decay : 1.f;
   const float l2 = h.adam_w_mode ? 0.f : h.weight_decay;
   const float gsign = h.maximize ? -h.inv_scale : h.inv_scale;
   const Vec vdecay(decay), vl2(l2), vgs(gsign), vb1c(h.one_minus_beta1), vb2(h.beta2),
-      vb2c(h.one_minus_beta2), vbc2(bc2_sqrt), veps(h.eps), vstep(-step_size);
+      vb2c(h.one_minus_beta2), veps(eps_hat), vstep(-step_size);
   int64_t i = 0;
   auto body = [&](int64_t off, int64_t cnt) {
     Vec pv = Vec::loadu(p + off, cnt);
@@ -55,9 +56,7 @@ void adam_math(float* p, const float* g, float* m, float* v, float* vmax, int64_
       vden = at::vec::maximum(Vec::loadu(vmax + off, cnt), vv);
       vden.store(vmax + off, cnt);
     }
-    // Divide by sqrt(1 - beta2^t) as torch does: a rounded reciprocal would bias every element
-    // of every step the same way, and that error adds up over steps.
-    Vec denom = vden.sqrt() / vbc2 + veps;
+    Vec denom = vden.sqrt() + veps;
     pv = at::vec::fmadd(vstep, mv / denom, pv);
     pv.store(p + off, cnt);
     mv.store(m + off, cnt);
@@ -95,14 +94,17 @@ void run(const AdamWArgs& a, const Hyper& h, double lr) {
   const size_t n = a.params.size();
   const bool master = !a.master_params.empty();
   const bool sr = a.stochastic_rounding_seed >= 0;
-  std::vector<float> step_size(n), bc2_sqrt(n);
+  std::vector<float> step_size(n), eps_hat(n);
   std::vector<Work> work;
   for (size_t t = 0; t < n; ++t) {
     const double step = *a.state_steps[t].data_ptr<float>();
     // Bias corrections in double from the double betas: 1 - beta2^t is a small difference, and
     // float(0.999) alone moves it by 1e-5 relative.
-    step_size[t] = static_cast<float>(lr / (1.0 - std::pow(a.beta1, step)));
-    bc2_sqrt[t] = static_cast<float>(std::sqrt(1.0 - std::pow(a.beta2, step)));
+    // lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) = (lr * sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)):
+    // both factors rounded once from double, one division per element fewer.
+    const double bc2_sqrt = std::sqrt(1.0 - std::pow(a.beta2, step));
+    step_size[t] = static_cast<float>(lr * bc2_sqrt / (1.0 - std::pow(a.beta1, step)));
+    eps_hat[t] = static_cast<float>(a.eps * bc2_sqrt);
     const int64_t numel = a.params[t].numel();
     for (int64_t b = 0; b < numel; b += kChunk) work.push_back({int64_t(t), b, std::min(numel, b + kChunk)});
   }
@@ -121,7 +123,7 @@ void run(const AdamWArgs& a, const Hyper& h, double lr) {
         // fp32 everywhere: update the storage directly, no staging.
         const int64_t b = job.begin, len = job.end - job.begin;
         adam_math(P + b, G + b, M + b, V + b, X ? X + b : nullptr, len, h, step_size[t],
-                  bc2_sqrt[t]);
+                  eps_hat[t]);
         continue;
       }
       for (int64_t b = job.begin; b < job.end; b += kTile) {
@@ -141,7 +143,7 @@ void run(const AdamWArgs& a, const Hyper& h, double lr) {
           to_float(V + b, vbuf, len);
           if (X) to_float(X + b, xbuf, len);
         }
-        adam_math(p, gbuf, m, v, x, len, h, step_size[t], bc2_sqrt[t]);
+        adam_math(p, gbuf, m, v, x, len, h, step_size[t], eps_hat[t]);
         if constexpr (!std::is_same_v<state_t, float>) {
           from_float(mbuf, M + b, len);
           from_float(vbuf, V + b, len);

@@ -20,7 +20,8 @@ constexpr int kThreads = 512;
 
 struct Hyper {
   double lr, beta1, beta2;  // for the bias corrections, formed in double once per block
-  float one_minus_beta1, one_minus_beta2, eps, weight_decay;  // 1 - beta formed in double
+  double eps;
+  float one_minus_beta1, one_minus_beta2, weight_decay;  // 1 - beta formed in double
   bool amsgrad, maximize, adam_w_mode, master, stochastic_rounding;
   uint32_t seed;
 };
@@ -74,9 +75,10 @@ struct AdamFunctor {
     const float inv_scale = inv_scale_ptr != nullptr ? *inv_scale_ptr : 1.f;
     const float step = *static_cast<const float*>(meta.addresses[6][slot]);
     // Bias corrections in double: 1 - beta2^t is a small difference that fp32 gets 1e-5 wrong.
-    // Divide by sqrt(1 - beta2^t) as torch does (a rounded reciprocal biases every element alike).
-    const float step_size = static_cast<float>(lr_d / (1.0 - pow(h.beta1, double(step))));
-    const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, double(step))));
+    // Folded as on the CPU: (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2)).
+    const double bc2_sqrt = sqrt(1.0 - pow(h.beta2, double(step)));
+    const float step_size = static_cast<float>(lr_d * bc2_sqrt / (1.0 - pow(h.beta1, double(step))));
+    const float eps_hat = static_cast<float>(h.eps * bc2_sqrt);
     const float decay = h.adam_w_mode ? 1.f - lr * h.weight_decay : 1.f;
     const float l2 = h.adam_w_mode ? 0.f : h.weight_decay;
     const float gsign = h.maximize ? -inv_scale : inv_scale;
@@ -116,7 +118,7 @@ struct AdamFunctor {
         v[j] = fmaf(h.one_minus_beta2 * gj, gj, v[j] * beta2);
         float vden = v[j];
         if (h.amsgrad) vden = x[j] = fmaxf(x[j], v[j]);
-        p[j] = fmaf(-step_size, m[j] / (sqrtf(vden) / bc2_sqrt + h.eps), p[j]);
+        p[j] = fmaf(-step_size, m[j] / (sqrtf(vden) + eps_hat), p[j]);
       }
       store(M, m, i, end, vec);
       store(V, v, i, end, vec);
@@ -161,8 +163,8 @@ void fused_adamw_cuda(LMK_ADAMW_PARAMS) {
   check_adamw_args(a);
   if (params.empty()) return;
   TORCH_CHECK(params[0].is_cuda(), "fused_adamw_ (CUDA kernel): params must be CUDA tensors");
-  const Hyper h{lr, beta1, beta2, float(1.0 - beta1), float(1.0 - beta2),
-                float(eps), float(weight_decay), amsgrad,
+  const Hyper h{lr, beta1, beta2, eps, float(1.0 - beta1), float(1.0 - beta2),
+                float(weight_decay), amsgrad,
                 maximize, adam_w_mode, !master_params.empty(), stochastic_rounding_seed >= 0,
                 static_cast<uint32_t>(stochastic_rounding_seed & 0xFFFFFFFF)};
   const bool state_f32 = exp_avgs[0].scalar_type() == at::kFloat;

@@ -72,9 +72,10 @@ def fused_adamw_kernel(
     store_limit = numel
     if HAS_FOUND_INF:
         store_limit = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
-    step_size = lr / _one_minus_pow(log_beta1, step)
-    # Divide by sqrt(1 - beta2^t) as torch does (a rounded reciprocal biases every element alike).
+    # Folded: (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2)), one division per element.
     bc2_sqrt = tl.sqrt(_one_minus_pow(log_beta2, step))
+    step_size = lr * bc2_sqrt / _one_minus_pow(log_beta1, step)
+    eps_hat = eps * bc2_sqrt
     gsign = inv_scale
     if MAXIMIZE:
         gsign = -inv_scale
@@ -100,7 +101,7 @@ def fused_adamw_kernel(
         if AMSGRAD:
             vden = tl.maximum(tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32), v)
             tl.store(x_ptr + idx, cast_for_store(vden, STATE_DTYPE), mask=smask)
-        p = p - step_size * m / (tl.sqrt(vden) / bc2_sqrt + eps)
+        p = p - step_size * m / (tl.sqrt(vden) + eps_hat)
         tl.store(m_ptr + idx, cast_for_store(m, STATE_DTYPE), mask=smask)
         tl.store(v_ptr + idx, cast_for_store(v, STATE_DTYPE), mask=smask)
         if HAS_MASTER:
