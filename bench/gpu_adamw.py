@@ -10,12 +10,10 @@ import triton
 import lmkernels
 from lmkernels._extension import has_cuda_kernels
 
-
-def gpt2_small_shapes():
-    d, shapes = 768, [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
+try:
+    from bench.bench_adamw import gpt_shapes
+except ImportError:  # run as a script from bench/
+    from bench_adamw import gpt_shapes
 
 
 def bench_case(name, shapes, copy_gbs):
@@ -57,7 +55,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for line in bench_case("10 x 10M", [(10_000_000,)] * 10, copy_gbs):
         print(line)
-    for line in bench_case("GPT-2 small", gpt2_small_shapes(), copy_gbs):
+    for line in bench_case("GPT-2 small", gpt_shapes(12, 768, 50257, 1024), copy_gbs):
         print(line)
     print()
 

@@ -7,24 +7,12 @@
 
 #include <string>
 
+#include "checks.h"
+
 namespace lmk {
 namespace {
 
-// The checks are local (not csrc/checks.h) so this file depends only on ATen. Messages follow
-// checks.h's style: the op, the argument's name, what was expected and what was given.
-std::string item_name(const char* list, size_t i) {
-  return std::string(list) + "[" + std::to_string(i) + "]";
-}
-
-void check_dense_contiguous(const char* op, const std::string& name, const at::Tensor& t) {
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor; got ",
-              t.layout());
-  TORCH_CHECK(!t.is_complex(), op, ": ", name, " must be real; got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; got strides ", t.strides(),
-              " for shape ", t.sizes());
-}
-
-void check_bucket_dtype(const char* op, const std::string& name, const at::Tensor& t) {
+void check_bucket_dtype(const char* op, const Name& name, const at::Tensor& t) {
   const auto d = t.scalar_type();
   TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || d == at::kDouble, op,
               ": ", name, " must be float32, bfloat16, float16 or float64; got ", d);
@@ -36,7 +24,7 @@ int64_t check_list(const char* op, const char* list, at::TensorList tensors,
                    const at::Device& device) {
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto name = item_name(list, i);
+    const Name name{list, i};  // formatted only if a check fails
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), op, ": ", name, " is undefined (None)");
     check_dense_contiguous(op, name, t);
@@ -57,7 +45,7 @@ void check_flat(const char* op, const at::Tensor& flat, at::TensorList tensors, 
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto overlap = at::get_overlap_status(flat, tensors[i]);
     TORCH_CHECK(overlap == at::MemOverlapStatus::No || tensors[i].numel() == 0, op,
-                ": flat and ", item_name("tensors", i),
+                ": flat and ", Name{"tensors", i},
                 " share memory; the source and destination must be distinct buffers");
   }
 }

@@ -9,12 +9,9 @@ import os
 import torch
 
 from lmkernels._extension import has_cuda_kernels
+from lmkernels.triton._common import triton_interpreted  # noqa: F401  (re-exported for the ops)
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, *, prefer_cuda_cpp: bool = True) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from lmkernels.ops._common import resolve_backend
 from lmkernels.triton import adamw as kernels
+from lmkernels.triton._common import tl_dtype
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params")
 
@@ -20,12 +21,6 @@ _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_para
 @torch.library.register_fake("lmkernels::fused_adamw_")
 def _fused_adamw_fake(*args, **kwargs) -> None:
     return None
-
-
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
 # Work tables depend only on the tensors' addresses and sizes, which an optimizer keeps from
@@ -100,7 +95,7 @@ def _fused_adamw_triton(
         inv_scale if inv_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
         max(stochastic_rounding_seed, 0) & 0xFFFFFFFF,
-        PARAM_DTYPE=_tl_dtype(params[0].dtype), STATE_DTYPE=_tl_dtype(exp_avgs[0].dtype),
+        PARAM_DTYPE=tl_dtype(params[0].dtype), STATE_DTYPE=tl_dtype(exp_avgs[0].dtype),
         HAS_LR_TENSOR=lr_tensor is not None, HAS_INV_SCALE=inv_scale is not None,
         HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, HAS_MASTER=len(master_params) > 0,
         MAXIMIZE=maximize, ADAMW=adam_w_mode, STOCHASTIC_ROUNDING=stochastic_rounding_seed >= 0,

@@ -23,6 +23,7 @@ import triton
 from lmkernels.ops._common import resolve_backend, triton_interpreted
 from lmkernels.reference.attention import attention_reference, window_bounds
 from lmkernels.triton import attention as kernels
+from lmkernels.triton._common import tl_dtype
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -64,12 +65,6 @@ def check_attention_args(query, key, value, window_size=None) -> None:
 
 
 # ---------------------------------------------------------------- Triton launchers
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
 def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
     """(LEFT, RIGHT) for the kernels: an unbounded side becomes T + S (always satisfied)."""
     left, right = window_bounds(is_causal, (window_left, window_right))
@@ -105,7 +100,7 @@ def _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left,
     kernels.attention_fwd[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, T, S, D, H // Hkv, left, right, scale * kernels.LOG2E,
-        OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
+        OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
         DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
     return out, lse
 
@@ -126,7 +121,7 @@ def _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    common = dict(OUT_DTYPE=_tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
+    common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
                   DOT_PREC=_dot_precision(q.dtype))
     qk_scale = scale * kernels.LOG2E
     kernels.attention_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](

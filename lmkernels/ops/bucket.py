@@ -26,19 +26,14 @@ _OPS = ("bucket_pack_", "bucket_unpack_", "bucket_scale_")
 
 @functools.lru_cache(maxsize=None)
 def _compiled(device_type: str) -> bool:
+    """Whether lmkernels._C has a kernel for this device (no CUDA kernel in a CPU-only build)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("lmkernels::bucket_pack_", key)
-    except RuntimeError:  # the op is not registered at all (a stale build)
-        return False
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("lmkernels::bucket_pack_", key)
 
 
-if all(hasattr(torch.ops.lmkernels, op) for op in _OPS):
-    for _op in _OPS:
-        # Mutating ops that return nothing: the fake impl has nothing to compute.
-        torch.library.register_fake(f"lmkernels::{_op}")(lambda *args, **kwargs: None)
+for _op in _OPS:
+    # Mutating ops that return nothing: the fake impl has nothing to compute.
+    torch.library.register_fake(f"lmkernels::{_op}")(lambda *args, **kwargs: None)
 
 
 def _opmath(*dtypes: torch.dtype) -> torch.dtype:

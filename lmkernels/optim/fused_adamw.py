@@ -122,10 +122,12 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by GradScaler.step() on optimizers with _step_supports_amp_scaling.
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, grad_scale, found_inf)
+            self._step_group(gi, group, inv_scale, found_inf)
         return loss
 
     def _plan(self, gi: int, group: dict) -> list["_Bucket"]:
@@ -147,7 +149,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._plans[gi] = (key, buckets)
         return buckets
 
-    def _step_group(self, gi: int, group: dict, grad_scale, found_inf) -> None:
+    def _step_group(self, gi: int, group: dict, inv_scale, found_inf) -> None:
         beta1, beta2 = group["betas"]
         for bucket in self._plan(gi, group):
             device = bucket.device
@@ -155,11 +157,8 @@ class FusedAdamW(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 lr = lr.to(device=device, dtype=torch.float32)
-            inv_scale = inf = None
-            if grad_scale is not None:
-                inv_scale = grad_scale.double().reciprocal().float().to(device)
-            if found_inf is not None:
-                inf = found_inf.to(device=device, dtype=torch.float32)
+            scale = None if inv_scale is None else inv_scale.to(device)
+            inf = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32)
             seed = -1
             if self.stochastic_rounding and bucket.dtype == torch.bfloat16 and not bucket.masters:
                 seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -171,7 +170,7 @@ class FusedAdamW(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                     maximize=group["maximize"], adam_w_mode=group["decoupled_weight_decay"],
                     max_exp_avg_sqs=bucket.max_exp_avg_sqs, master_params=bucket.masters,
-                    inv_scale=inv_scale, found_inf=inf, stochastic_rounding_seed=seed,
+                    inv_scale=scale, found_inf=inf, stochastic_rounding_seed=seed,
                     backend=self.backend,
                 )
             except (RuntimeError, ValueError):

@@ -1,6 +1,22 @@
 """Helpers shared by the Triton kernels."""
+import os
+
 import triton
 import triton.language as tl
+
+
+
+def tl_dtype(dtype):
+    """The Triton element type of a torch float dtype (float32, bfloat16, float16)."""
+    import torch
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at definition
+    time by triton.jit, so it must be set before lmkernels is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -19,21 +19,19 @@ D: any multiple of 8 up to 256, padded to the power of two BLOCK_D with masked l
 Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading. fp32
 inputs use IEEE fp32 dots (DOT_PREC "ieee", not TF32), bf16/fp16 the tensor cores.
 """
-import os
 
 import triton
 import triton.language as tl
 
-from lmkernels.triton._common import cast_for_store
+from lmkernels.triton._common import cast_for_store, triton_interpreted
 
 LOG2E = 1.4426950408889634
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(shapes, big_d_shapes):
     """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets one.
     Large head dims (BLOCK_D 256) get smaller tiles so K/V stages fit in shared memory."""
-    if _INTERPRETED:
+    if triton_interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BIG_D": big}, num_warps=w, num_stages=st)
             for big, lst in ((False, shapes), (True, big_d_shapes)) for m, n, w, st in lst]
