@@ -14,8 +14,8 @@ import torch
 
 import lmkernels
 from lmkernels.reference.attention import attention_reference
+from lmkernels.triton._common import triton_interpreted
 
-attn_ops = sys.modules["lmkernels.ops.attention"]
 
 LENGTHS = (1, 17, 97, 128, 257)
 WINDOWS = (None, (32, -1), (5, 7))
@@ -249,14 +249,14 @@ TRITON_CASES = [
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_interpreter(case, dtype):
-    if not attn_ops.triton_interpreted():
+    if not triton_interpreted():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     H, Hkv, T, S, D, is_causal, window = case
     run_and_compare("triton", 1, H, Hkv, T, S, D, dtype, is_causal, window)
 
 
 def test_triton_lse_gradient_and_opcheck():
-    if not attn_ops.triton_interpreted():
+    if not triton_interpreted():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     run_and_compare("triton", 1, 2, 1, 33, 40, 16, torch.float32, True, None, use_lse=True)
     q, k, v = make_inputs(1, 2, 1, 17, 20, 16, torch.float32)

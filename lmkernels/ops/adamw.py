@@ -1,19 +1,17 @@
 """fused_adamw_: one multi-tensor AdamW/Adam step over a parameter group, in place.
 
 torch.ops.lmkernels.fused_adamw_       C++ CPU kernel and CUDA C++ kernel (csrc/), by dispatch key
-torch.ops.lmkernels.fused_adamw_triton_  the Triton kernel (lmkernels/triton/adamw.py)
+torch.ops.lmkernels.fused_adamw_triton_  the Triton kernel (launcher: lmkernels.triton.adamw.fused_adamw)
 
 The caller increments state_steps (float32, one per tensor) before the call, as torch's
 fused AdamW does. Math: lmkernels/reference/adamw.py.
 """
-import math
 from typing import Optional, Sequence
 
 import torch
 
 from lmkernels.ops._common import resolve_backend
 from lmkernels.triton import adamw as kernels
-from lmkernels.triton._common import tl_dtype
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params")
 
@@ -21,41 +19,6 @@ _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_para
 @torch.library.register_fake("lmkernels::fused_adamw_")
 def _fused_adamw_fake(*args, **kwargs) -> None:
     return None
-
-
-# Work tables depend only on the tensors' addresses and sizes, which an optimizer keeps from
-# step to step: cache them so a step costs no host-side table building or copies.
-_TABLE_CACHE: dict = {}
-_TABLE_CACHE_MAX = 64
-
-
-def _work_tables(lists: Sequence[Sequence[torch.Tensor]], chunk: int, device: torch.device):
-    params = lists[kernels.ROW_PARAM]
-    key = (device, chunk) + tuple(
-        tuple((t.data_ptr(), t.numel()) for t in lst) for lst in lists
-    )
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        return hit
-    n = len(params)
-    addresses = [[t.data_ptr() for t in lst] if len(lst) else [params[i].data_ptr() for i in range(n)]
-                 for lst in lists]
-    numel = [p.numel() for p in params]
-    work_tensor, work_start = [], []
-    for i, count in enumerate(numel):
-        for start in range(0, count, chunk):
-            work_tensor.append(i)
-            work_start.append(start)
-    tables = (
-        torch.tensor(addresses, dtype=torch.int64).to(device),
-        torch.tensor(numel, dtype=torch.int64).to(device),
-        torch.tensor(work_tensor, dtype=torch.int32).to(device),
-        torch.tensor(work_start, dtype=torch.int64).to(device),
-    )
-    if len(_TABLE_CACHE) >= _TABLE_CACHE_MAX:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-    _TABLE_CACHE[key] = tables
-    return tables
 
 
 @torch.library.custom_op("lmkernels::fused_adamw_triton_", mutates_args=_MUTATED)
@@ -73,34 +36,9 @@ def _fused_adamw_triton(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
         maximize=maximize, adam_w_mode=adam_w_mode, lr_tensor=lr_tensor, inv_scale=inv_scale,
         found_inf=found_inf, stochastic_rounding_seed=stochastic_rounding_seed)
-    live = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not live:
-        return
-    pick = lambda lst: [lst[i] for i in live] if len(lst) else []  # noqa: E731
-    lists = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs),
-             pick(master_params), pick(state_steps)]
-    device = params[0].device
-    # On GPU a program streams CHUNK elements in BLOCK-wide tiles; under the CPU interpreter
-    # one tile per program keeps the (slow) interpreted loop short.
-    block = 1024 if device.type == "cuda" else 256
-    chunk = block * 8 if device.type == "cuda" else block
-    table, numel, work_tensor, work_start = _work_tables(lists, chunk, device)
-    dummy = table  # never read when the matching flag is off
-    kernels.fused_adamw_kernel[(work_tensor.numel(),)](
-        table, numel, work_tensor, work_start, len(live),
-        lr, lr_tensor if lr_tensor is not None else dummy,
-        # Formed in double here: in fp32, 1 - 0.9 is 2e-7 off and log(beta) loses digits.
-        math.log(beta1) if beta1 > 0 else -1e30, math.log(beta2) if beta2 > 0 else -1e30, beta2,
-        1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-        inv_scale if inv_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        max(stochastic_rounding_seed, 0) & 0xFFFFFFFF,
-        PARAM_DTYPE=tl_dtype(params[0].dtype), STATE_DTYPE=tl_dtype(exp_avgs[0].dtype),
-        HAS_LR_TENSOR=lr_tensor is not None, HAS_INV_SCALE=inv_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, HAS_MASTER=len(master_params) > 0,
-        MAXIMIZE=maximize, ADAMW=adam_w_mode, STOCHASTIC_ROUNDING=stochastic_rounding_seed >= 0,
-        CHUNK=chunk, BLOCK=block, num_warps=4,
-    )
+    kernels.fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                        state_steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                        adam_w_mode, lr_tensor, inv_scale, found_inf, stochastic_rounding_seed)
 
 
 @_fused_adamw_triton.register_fake

@@ -18,12 +18,10 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-from lmkernels.ops._common import resolve_backend, triton_interpreted
+from lmkernels.ops._common import resolve_backend
 from lmkernels.reference.attention import attention_reference, window_bounds
 from lmkernels.triton import attention as kernels
-from lmkernels.triton._common import tl_dtype
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -64,75 +62,6 @@ def check_attention_args(query, key, value, window_size=None) -> None:
             raise ValueError(f"attention: window_size must be (left, right) ints >= -1 (-1: unbounded); got {window_size}")
 
 
-# ---------------------------------------------------------------- Triton launchers
-def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
-    """(LEFT, RIGHT) for the kernels: an unbounded side becomes T + S (always satisfied)."""
-    left, right = window_bounds(is_causal, (window_left, window_right))
-    return (left if left >= 0 else T + S), (right if right >= 0 else T + S)
-
-
-def _dot_precision(dtype: torch.dtype):
-    return "ieee" if dtype == torch.float32 else None  # None: Triton's default (bf16/fp16 MMA)
-
-
-def _block_d(D: int) -> int:
-    return max(16, 1 << (D - 1).bit_length())
-
-
-def _strides(t: torch.Tensor):
-    assert t.stride(-1) == 1
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left, window_right):
-    check_attention_args(query, key, value, (window_left, window_right))
-    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    left, right = _bounds(T, S, is_causal, window_left, window_right)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernels.attention_fwd[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, T, S, D, H // Hkv, left, right, scale * kernels.LOG2E,
-        OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
-        DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
-    return out, lse
-
-
-def _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
-                               window_left, window_right):
-    check_attention_args(query, key, value, (window_left, window_right))
-    q, k, v, o, g = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
-    B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    left, right = _bounds(T, S, is_causal, window_left, window_right)
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    block_d = _block_d(D)
-    kernels.attention_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
-        o, g, grad_lse.contiguous() if grad_lse is not None else lse, delta, *_strides(o),
-        *_strides(g), H, T, D, HAS_DLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
-                  DOT_PREC=_dot_precision(q.dtype))
-    qk_scale = scale * kernels.LOG2E
-    kernels.attention_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
-        *_strides(dk), *_strides(dv), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
-    kernels.attention_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, g, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
-        *_strides(dq), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
-    return dq, dk, dv
-
-
 # ---------------------------------------------------------------- the ops: fakes, CUDA, autograd
 @torch.library.register_fake("lmkernels::attention_fwd")
 def _attention_fwd_fake(query, key, value, scale, is_causal, window_left, window_right):
@@ -149,15 +78,27 @@ def _attention_bwd_fake(grad_out, query, key, value, out, lse, grad_lse, scale, 
 
 
 # On CUDA tensors the C++ schema runs the Triton kernels.
-torch.library.impl("lmkernels::attention_fwd", "CUDA")(_attention_fwd_triton_impl)
-torch.library.impl("lmkernels::attention_bwd", "CUDA")(_attention_bwd_triton_impl)
+def _attention_fwd_triton_checked(query, key, value, scale, is_causal, window_left, window_right):
+    check_attention_args(query, key, value, (window_left, window_right))
+    return kernels.attention_fwd(query, key, value, scale, is_causal, window_left, window_right)
+
+
+def _attention_bwd_triton_checked(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                                  window_left, window_right):
+    check_attention_args(query, key, value, (window_left, window_right))
+    return kernels.attention_bwd(grad_out, query, key, value, out, lse, grad_lse, scale,
+                                 is_causal, window_left, window_right)
+
+
+torch.library.impl("lmkernels::attention_fwd", "CUDA")(_attention_fwd_triton_checked)
+torch.library.impl("lmkernels::attention_bwd", "CUDA")(_attention_bwd_triton_checked)
 
 
 @torch.library.custom_op("lmkernels::attention_fwd_triton", mutates_args=())
 def _attention_fwd_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           scale: float, is_causal: bool, window_left: int,
                           window_right: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _attention_fwd_triton_impl(query, key, value, scale, is_causal, window_left, window_right)
+    return _attention_fwd_triton_checked(query, key, value, scale, is_causal, window_left, window_right)
 
 
 @torch.library.custom_op("lmkernels::attention_bwd_triton", mutates_args=())
@@ -166,8 +107,8 @@ def _attention_bwd_triton(grad_out: torch.Tensor, query: torch.Tensor, key: torc
                           grad_lse: Optional[torch.Tensor], scale: float, is_causal: bool,
                           window_left: int, window_right: int
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd_triton_impl(grad_out, query, key, value, out, lse, grad_lse, scale,
-                                      is_causal, window_left, window_right)
+    return _attention_bwd_triton_checked(grad_out, query, key, value, out, lse, grad_lse, scale,
+                                         is_causal, window_left, window_right)
 
 
 _attention_fwd_triton.register_fake(_attention_fwd_fake)

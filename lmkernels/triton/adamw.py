@@ -10,10 +10,14 @@ Per element, in fp32 (g = grad * inv_scale, negated if MAXIMIZE; Adam-L2 adds wd
     v   = beta2 * v + (1 - beta2) * g^2       (vmax = max(vmax, v) with AMSGRAD)
     p  -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 """
+import math
+from typing import Sequence
+
+import torch
 import triton
 import triton.language as tl
 
-from lmkernels.triton._common import cast_for_store
+from lmkernels.triton._common import cast_for_store, tl_dtype
 
 # Rows of the address table.
 ROW_PARAM, ROW_GRAD, ROW_EXP_AVG, ROW_EXP_AVG_SQ, ROW_MAX_EXP_AVG_SQ, ROW_MASTER, ROW_STEP = range(7)
@@ -116,3 +120,76 @@ def fused_adamw_kernel(
             tl.store(p_ptr + idx, rounded, mask=smask)
         else:
             tl.store(p_ptr + idx, cast_for_store(p, PARAM_DTYPE), mask=smask)
+
+
+# Work tables depend only on the tensors' addresses and sizes, which an optimizer keeps from
+# step to step: cache them so a step costs no host-side table building or copies.
+_TABLE_CACHE: dict = {}
+_TABLE_CACHE_MAX = 64
+
+
+def _work_tables(lists: Sequence[Sequence[torch.Tensor]], chunk: int, device: torch.device):
+    params = lists[ROW_PARAM]
+    key = (device, chunk) + tuple(
+        tuple((t.data_ptr(), t.numel()) for t in lst) for lst in lists
+    )
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    n = len(params)
+    addresses = [[t.data_ptr() for t in lst] if len(lst) else [params[i].data_ptr() for i in range(n)]
+                 for lst in lists]
+    numel = [p.numel() for p in params]
+    work_tensor, work_start = [], []
+    for i, count in enumerate(numel):
+        for start in range(0, count, chunk):
+            work_tensor.append(i)
+            work_start.append(start)
+    tables = (
+        torch.tensor(addresses, dtype=torch.int64).to(device),
+        torch.tensor(numel, dtype=torch.int64).to(device),
+        torch.tensor(work_tensor, dtype=torch.int32).to(device),
+        torch.tensor(work_start, dtype=torch.int64).to(device),
+    )
+    if len(_TABLE_CACHE) >= _TABLE_CACHE_MAX:
+        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+    _TABLE_CACHE[key] = tables
+    return tables
+
+
+def fused_adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps,
+    lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, adam_w_mode,
+    lr_tensor, inv_scale, found_inf, stochastic_rounding_seed,
+) -> None:
+    """One launch over every tensor of the lists (the arguments of torch.ops.lmkernels.fused_adamw_,
+    in schema order; no argument checks: the op checks before calling this on CUDA tensors, the
+    interpreter tests call it directly on CPU tensors)."""
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not live:
+        return
+    pick = lambda lst: [lst[i] for i in live] if len(lst) else []  # noqa: E731
+    lists = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs),
+             pick(master_params), pick(state_steps)]
+    device = params[0].device
+    # On GPU a program streams CHUNK elements in BLOCK-wide tiles; under the CPU interpreter
+    # one tile per program keeps the (slow) interpreted loop short.
+    block = 1024 if device.type == "cuda" else 256
+    chunk = block * 8 if device.type == "cuda" else block
+    table, numel, work_tensor, work_start = _work_tables(lists, chunk, device)
+    dummy = table  # never read when the matching flag is off
+    fused_adamw_kernel[(work_tensor.numel(),)](
+        table, numel, work_tensor, work_start, len(live),
+        lr, lr_tensor if lr_tensor is not None else dummy,
+        # Formed in double here: in fp32, 1 - 0.9 is 2e-7 off and log(beta) loses digits.
+        math.log(beta1) if beta1 > 0 else -1e30, math.log(beta2) if beta2 > 0 else -1e30, beta2,
+        1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+        inv_scale if inv_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        max(stochastic_rounding_seed, 0) & 0xFFFFFFFF,
+        PARAM_DTYPE=tl_dtype(params[0].dtype), STATE_DTYPE=tl_dtype(exp_avgs[0].dtype),
+        HAS_LR_TENSOR=lr_tensor is not None, HAS_INV_SCALE=inv_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, AMSGRAD=amsgrad, HAS_MASTER=len(master_params) > 0,
+        MAXIMIZE=maximize, ADAMW=adam_w_mode, STOCHASTIC_ROUNDING=stochastic_rounding_seed >= 0,
+        CHUNK=chunk, BLOCK=block, num_warps=4,
+    )

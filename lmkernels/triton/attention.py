@@ -20,10 +20,12 @@ Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading
 inputs use IEEE fp32 dots (DOT_PREC "ieee", not TF32), bf16/fp16 the tensor cores.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from lmkernels.triton._common import cast_for_store, triton_interpreted
+from lmkernels.reference.attention import window_bounds
+from lmkernels.triton._common import cast_for_store, tl_dtype, triton_interpreted
 
 LOG2E = 1.4426950408889634
 
@@ -373,9 +375,80 @@ def attention_bwd_dq_kernel(
 
 
 # The autotuned entry points the launchers call (block sizes come from the configs).
-attention_fwd = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY,
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(attention_fwd_kernel)
-attention_bwd_dkdv = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY,
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY,
                                      prune_configs_by={"early_config_prune": _prune})(attention_bwd_dkdv_kernel)
-attention_bwd_dq = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY,
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY,
                                    prune_configs_by={"early_config_prune": _prune})(attention_bwd_dq_kernel)
+
+
+# ---------------------------------------------------------------- launchers
+# Plain functions (no argument checks: torch.ops.lmkernels.attention_* checks before calling
+# them on CUDA tensors; the interpreter tests call them directly on CPU tensors).
+def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
+    """(LEFT, RIGHT) for the kernels: an unbounded side becomes T + S (always satisfied)."""
+    left, right = window_bounds(is_causal, (window_left, window_right))
+    return (left if left >= 0 else T + S), (right if right >= 0 else T + S)
+
+
+def _dot_precision(dtype: torch.dtype):
+    return "ieee" if dtype == torch.float32 else None  # None: Triton's default (bf16/fp16 MMA)
+
+
+def _block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _strides(t: torch.Tensor):
+    assert t.stride(-1) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_fwd(query, key, value, scale, is_causal, window_left, window_right):
+    """-> (out (B, H, T, D) in query's dtype, lse (B, H, T) float32)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    left, right = _bounds(T, S, is_causal, window_left, window_right)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_tuned[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, T, S, D, H // Hkv, left, right, scale * LOG2E,
+        OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
+        DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
+    return out, lse
+
+
+def attention_bwd(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                  window_left, window_right):
+    """-> (dq, dk, dv). grad_lse may be None."""
+    q, k, v, o, g = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    left, right = _bounds(T, S, is_causal, window_left, window_right)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_d = _block_d(D)
+    attention_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
+        o, g, grad_lse.contiguous() if grad_lse is not None else lse, delta, *_strides(o),
+        *_strides(g), H, T, D, HAS_DLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
+                  DOT_PREC=_dot_precision(q.dtype))
+    qk_scale = scale * LOG2E
+    _dkdv_tuned[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
+        *_strides(dk), *_strides(dv), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
+    _dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, g, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
+        *_strides(dq), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
+    return dq, dk, dv
