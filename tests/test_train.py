@@ -166,7 +166,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     assert loaded["iter_num"] == 5 and torch.equal(loaded["w"], torch.arange(5.0))
     ckpt_lib.save_checkpoint(tmp_path, 10, {"w": torch.ones(5), "iter_num": 10, "tp_size": 1}, mesh)
     assert ckpt_lib.load_checkpoint(tmp_path)["iter_num"] == 10  # debris of the crash cleaned up
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["iter-0000010", "latest"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["iter-0000005", "iter-0000010", "latest"]
 
 
 def _train_cmd(tmp_path, corpus, out, *extra):

@@ -1,5 +1,6 @@
 """The GPT trainer behind `lmkernels-train` (also `python -m lmkernels.train`)."""
-from lmkernels.train.config import ConfigError, TrainConfig, parse_args
+from lmkernels.train.config import TrainConfig, parse_args
+from lmkernels.train.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from lmkernels.train.loop import train
 
-__all__ = ["ConfigError", "TrainConfig", "parse_args", "train"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "TrainConfig", "TrainingStopped", "parse_args", "train"]

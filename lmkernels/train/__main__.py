@@ -1,7 +1,10 @@
-"""`lmkernels-train` / `python -m lmkernels.train`: train a GPT (see --help)."""
+"""`lmkernels-train` / `python -m lmkernels.train`: train a GPT (see --help).
+Exit status: 0 done, 2 a bad option, data file or checkpoint, 1 training stopped (non-finite loss,
+timed-out collective); each with one `lmkernels-train: error:` line naming the cause."""
 import sys
 
-from lmkernels.train.config import ConfigError, parse_args
+from lmkernels.train.config import parse_args
+from lmkernels.train.errors import USER_ERRORS, TrainingStopped
 
 
 def main(argv=None) -> int:
@@ -12,9 +15,12 @@ def main(argv=None) -> int:
 
     try:
         train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"lmkernels-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"lmkernels-train: error: {e}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

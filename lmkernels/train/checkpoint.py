@@ -1,28 +1,62 @@
-"""Checkpoints: one file per TP rank, written atomically, the previous one kept until the new
-one is complete.
+"""Checkpoints: one file per TP rank, written atomically, verified by sha256 on load; the newest
+few are kept so that a damaged one can be skipped.
 
 Layout under out_dir:
     ckpt/iter-0000250/tp0-of-2.pt, tp1-of-2.pt   (one shard per tensor-parallel rank)
+    ckpt/iter-0000250/manifest.json               (iteration, tp size, each shard's size and sha256)
     ckpt/latest                                   (text: the name of the newest complete one)
-A save writes into ckpt/iter-N.tmp/ (each file itself as a temp file + os.replace), waits for
-every rank, renames the directory and only then points `latest` at it (temp file + os.replace),
-and removes older checkpoints last. A crash anywhere before the pointer moves leaves `latest`
-pointing at the previous, complete checkpoint. DP rank 0 of each TP group writes its shard;
-every rank reads its TP rank's shard on resume. out_dir must be shared by all ranks.
+Save: the shards go into ckpt/iter-N.tmp/ (each file itself as a temp file + os.replace, hashed by
+reading it back), the ranks exchange the hashes, rank 0 writes the manifest, renames the directory
+and only then points `latest` at it (temp file + os.replace), and prunes old checkpoints last. A
+crash anywhere before the pointer moves leaves `latest` pointing at the previous, complete one.
+DP rank 0 of each TP group writes its shard; out_dir must be shared by all ranks.
+Load: the checkpoint `latest` names, else (damaged shard, missing manifest, empty or dangling
+`latest`) the newest older one that verifies, with a warning naming the bad file. Every rank
+checks the shard it needs and the ranks agree, so all of them resume from the same iteration.
 """
+import hashlib
+import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from lmkernels.train.errors import CheckpointError, ConfigError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_ITER_DIR = re.compile(r"iter-(\d+)")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier():
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _all_gather(obj) -> list:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank (one small all-reduce; the result is the same everywhere)."""
+    if not _distributed():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _fsync_dir(path: Path):
@@ -38,10 +72,31 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def _atomic_write(obj, path: Path):
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(obj, path: Path) -> dict:
+    """Writes obj with torch.save; returns the file's size and sha256, hashed from what reached
+    the file (read back from the page cache), not from the bytes we meant to write."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    entry = {"bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+    os.replace(tmp, path)
+    return entry
+
+
+def _write_text_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -51,9 +106,21 @@ def shard_name(tp_rank: int, tp_size: int) -> str:
     return f"tp{tp_rank}-of-{tp_size}.pt"
 
 
-def save_checkpoint(out_dir, iter_num: int, state: dict, mesh) -> Path:
+def _iteration(path: Path) -> int:
+    return int(_ITER_DIR.fullmatch(path.name).group(1))
+
+
+def _complete_checkpoints(root: Path) -> list:
+    """Renamed (complete) checkpoint directories, newest iteration first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _ITER_DIR.fullmatch(p.name)),
+                  key=_iteration, reverse=True)
+
+
+def save_checkpoint(out_dir, iter_num: int, state: dict, mesh, keep: int = 2) -> Path:
     """Saves this rank's `state` (model shard, optimizer shard, counters, config) as part of
-    checkpoint iter_num. Every rank of the mesh must call it."""
+    checkpoint iter_num and keeps the newest `keep` checkpoints. Every rank of the mesh must call it."""
     root = Path(out_dir) / "ckpt"
     final = root / f"iter-{iter_num:07d}"
     tmp = root / f"iter-{iter_num:07d}.tmp"
@@ -62,51 +129,145 @@ def save_checkpoint(out_dir, iter_num: int, state: dict, mesh) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save
         tmp.mkdir()
     _barrier()
+    entry = None
     if mesh.dp_rank == 0:
-        _atomic_write(state, tmp / shard_name(mesh.tp_rank, mesh.tp_size))
-    _barrier()
+        name = shard_name(mesh.tp_rank, mesh.tp_size)
+        entry = (name, _atomic_write(state, tmp / name))
+    entries = _all_gather(entry)  # also the point where every shard is on disk
     if mesh.is_main:
+        manifest = {"iter_num": iter_num, "tp_size": mesh.tp_size, "shards": dict(e for e in entries if e)}
+        _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
+        _write_text_atomic(root / LATEST, final.name)
         _fsync_dir(root)
-        for old in root.iterdir():  # older checkpoints go only once the new one is the latest
-            if old.is_dir() and old.name != final.name:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(root, final, keep)
     _barrier()
     return final
 
 
-def latest_checkpoint(out_dir) -> Path:
-    root = Path(out_dir) / "ckpt"
+def _prune(root: Path, newest: Path, keep: int):
+    """Keeps `newest` and the keep - 1 checkpoints before it. Directories from later iterations
+    belong to a run that was abandoned (resume fell back past them, or a new run from scratch
+    reused out_dir) and go too, as does the debris of interrupted saves."""
+    older = [p for p in _complete_checkpoints(root) if _iteration(p) < _iteration(newest)]
+    keep_set = {newest} | set(older[:keep - 1])
+    for path in root.iterdir():
+        if path.is_dir() and path not in keep_set:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+        manifest["tp_size"], manifest["shards"]  # noqa: B018  (the keys every manifest has)
+        return manifest
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(file)!r} is missing (an incomplete or pre-manifest checkpoint)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{str(file)!r} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _verify_shard(path: Path, manifest: dict, tp_rank: int, tp_size: int) -> Path:
+    name = shard_name(tp_rank, tp_size)
+    file = path / name
+    expected = manifest["shards"].get(name)
+    if expected is None:
+        raise CheckpointError(f"{str(path / MANIFEST)!r} lists no shard {name!r}")
+    if not file.is_file():
+        raise CheckpointError(f"shard {str(file)!r} is missing")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(f"shard {str(file)!r} is {size:,} bytes, the manifest says {expected['bytes']:,} "
+                              f"(truncated or overwritten)")
+    if _sha256(file) != expected["sha256"]:
+        raise CheckpointError(f"shard {str(file)!r} does not match its sha256 in the manifest (corrupted)")
+    return file
+
+
+def _candidates(root: Path) -> tuple:
+    """(checkpoint directories to try in order, problems with the `latest` pointer)."""
+    found = _complete_checkpoints(root)
     pointer = root / LATEST
     if not pointer.exists():
-        raise FileNotFoundError(f"init_from=resume: no checkpoint in {str(root)!r} (the file 'latest' is "
-                                f"missing); train with init_from=scratch first or point out_dir at a run")
-    return root / pointer.read_text().strip()
+        return found, ([f"{str(pointer)!r} is missing"] if found else [])
+    name = pointer.read_text().strip()
+    if not name:
+        return found, [f"{str(pointer)!r} is empty"]
+    named = root / name
+    if named not in found:
+        return found, [f"{str(pointer)!r} names {name!r}, which is not a checkpoint directory in {str(root)!r}"]
+    return [named] + [p for p in found if p != named], []
+
+
+def _warn(text: str):
+    print(f"checkpoint: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _load_file(file: Path, map_location) -> dict:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        raise CheckpointError(f"shard {str(file)!r} could not be loaded ({type(e).__name__}: {e})") from None
+
+
+def _open(out_dir, tp_ranks, tp_size, map_location):
+    """The newest checkpoint whose shards for `tp_ranks` (None: all) verify on every rank:
+    (directory, [loaded shard per rank in tp_ranks])."""
+    root = Path(out_dir) / "ckpt"
+    candidates, problems = _candidates(root)
+    if not candidates:
+        raise FileNotFoundError(f"init_from=resume: no checkpoint in {str(root)!r} ("
+                                + ("; ".join(problems) or "the file 'latest' is missing")
+                                + "); train with init_from=scratch first or point out_dir at a run")
+    for problem in problems:
+        _warn(f"{problem}; looking for the newest complete checkpoint instead")
+    for i, path in enumerate(candidates):
+        files, problem = [], None
+        try:
+            manifest = _read_manifest(path)
+            saved_tp = manifest["tp_size"]
+            if tp_size is not None and saved_tp != tp_size:
+                raise ConfigError(f"checkpoint {str(path)!r} was written with tp={saved_tp}; resume it with "
+                                 f"tp={saved_tp} (got tp={tp_size}), or sample from it with lmkernels-sample, "
+                                 f"which merges shards")
+            ranks = range(saved_tp) if tp_ranks is None else tp_ranks
+            files = [_verify_shard(path, manifest, r, saved_tp) for r in ranks]
+        except CheckpointError as e:
+            problem = str(e)
+        if all_ranks_agree(problem is None):
+            if i:
+                _warn(f"resuming from the older checkpoint {str(path)!r}")
+            return path, [_load_file(f, map_location) for f in files]
+        if problem:  # only the rank(s) that found the problem know it
+            _warn(f"skipping checkpoint {str(path)!r}: {problem}")
+    raise CheckpointError(f"no usable checkpoint in {str(root)!r}: every one is damaged (see the warnings "
+                          f"above); start again with init_from=scratch or restore the files")
+
+
+def open_checkpoint(out_dir, tp_rank: int = 0, tp_size: int = 1, map_location="cpu") -> tuple:
+    """(directory, this TP rank's shard) of the newest checkpoint that verifies; see the module
+    docstring. Raises ConfigError when it was written with another tp size."""
+    path, (state,) = _open(out_dir, [tp_rank], tp_size, map_location)
+    return path, state
 
 
 def load_checkpoint(out_dir, tp_rank: int = 0, tp_size: int = 1, map_location="cpu") -> dict:
-    """This TP rank's shard of the latest complete checkpoint."""
-    path = latest_checkpoint(out_dir)
-    shards = sorted(path.glob("tp*-of-*.pt"))
-    if not shards:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} has no shard files")
-    saved_tp = int(shards[0].stem.split("-of-")[1])
-    if saved_tp != tp_size:
-        raise ValueError(f"checkpoint {str(path)!r} was written with tp={saved_tp}; resume it with tp={saved_tp} "
-                         f"(got tp={tp_size}), or sample from it with lmkernels-sample, which merges shards")
-    return torch.load(path / shard_name(tp_rank, tp_size), map_location=map_location, weights_only=False)
+    """This TP rank's shard of the newest checkpoint that verifies."""
+    return open_checkpoint(out_dir, tp_rank, tp_size, map_location)[1]
+
+
+def latest_checkpoint(out_dir) -> Path:
+    """The directory `latest` points at (not verified: open_checkpoint verifies)."""
+    pointer = Path(out_dir) / "ckpt" / LATEST
+    if not pointer.exists():
+        raise FileNotFoundError(f"no checkpoint in {str(pointer.parent)!r} (the file 'latest' is missing)")
+    return pointer.parent / pointer.read_text().strip()
 
 
 def load_all_shards(out_dir, map_location="cpu") -> list:
-    """Every TP rank's shard of the latest checkpoint, in rank order."""
-    path = latest_checkpoint(out_dir)
-    first = load_checkpoint(out_dir, 0, int(next(path.glob("tp0-of-*.pt")).stem.split("-of-")[1]), map_location)
-    tp_size = first["tp_size"]
-    return [first] + [torch.load(path / shard_name(r, tp_size), map_location=map_location, weights_only=False)
-                      for r in range(1, tp_size)]
+    """Every TP rank's shard of the newest checkpoint that verifies, in rank order (one process)."""
+    return _open(out_dir, None, None, map_location)[1]

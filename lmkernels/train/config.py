@@ -4,9 +4,12 @@ The defaults train a small byte-level GPT on the default corpus in a couple of m
 2-core CPU. Command line: `--name=value` or `--name value` (nanoGPT's style).
 """
 import argparse
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import List
+
+from lmkernels.train.errors import ConfigError
 
 
 @dataclass
@@ -39,6 +42,8 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    max_nonfinite_steps: int = field(default=0, metadata={
+        "help": "consecutive steps with a NaN/inf loss skipped (no weight update) before training stops"})
     # parallelism and hardware
     tp: int = field(default=1, metadata={"help": "tensor-parallel size; data-parallel size = world / tp"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -47,12 +52,17 @@ class TrainConfig:
                                                        "the machine is already busy)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "random seed (weights, batches, dropout)"})
+    dist_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a rank waits in a collective (or barrier) for the others before it stops with an "
+                "error naming the wait; raise it when tokenizing a very large data set or saving to a slow disk"})
     # evaluation, checkpoints, output
     eval_interval: int = field(default=250, metadata={"help": "evaluate (and checkpoint) every this many steps"})
     eval_iters: int = field(default=20, metadata={"help": "batches per evaluation"})
     log_interval: int = field(default=25, metadata={"help": "print progress every this many steps"})
     out_dir: str = field(default="out", metadata={"help": "checkpoints, metrics.jsonl and loss.png go here"})
     init_from: str = field(default="scratch", metadata={"help": "scratch or resume (from out_dir)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept in out_dir/ckpt; resume falls back to an older one when the newest is damaged"})
     sample_tokens: int = field(default=300, metadata={"help": "tokens sampled and printed at the end (0: none)"})
     peak_flops: float = field(default=0.0, metadata={"help": "per-device peak FLOP/s for MFU (0: known GPU or measured)"})
 
@@ -90,17 +100,19 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-class ConfigError(ValueError):
-    """A bad option; the message names it, what was expected and what was given."""
-
-
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    # NaN passes every `<`/`>` range check, and inf passes most: test finiteness first, for every float
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.type is float and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number; got {value}")
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "eval_iters", "log_interval", "eval_interval", "tp")
+                "eval_iters", "log_interval", "eval_interval", "tp", "keep_checkpoints")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1; got {getattr(cfg, name)}")
-    for name in ("max_iters", "threads", "warmup_iters", "lr_decay_iters", "sample_tokens", "vocab_size"):
+    for name in ("max_iters", "threads", "warmup_iters", "lr_decay_iters", "sample_tokens", "vocab_size",
+                 "max_nonfinite_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0; got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
@@ -124,8 +136,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be in [0, 1); got {getattr(cfg, name)}")
-    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
-        raise ConfigError(f"weight_decay and grad_clip must be >= 0; got {cfg.weight_decay}, {cfg.grad_clip}")
+    for name in ("weight_decay", "grad_clip", "peak_flops"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0; got {getattr(cfg, name)}")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be > 0 seconds; got {cfg.dist_timeout}")
     if cfg.tokenizer not in ("byte", "char"):
         raise ConfigError(f"tokenizer must be 'byte' or 'char'; got {cfg.tokenizer!r}")
     if cfg.init_from not in ("scratch", "resume"):

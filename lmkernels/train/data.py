@@ -25,7 +25,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lmkernels.train.errors import DataError
+
 CACHE_VERSION = 1
+# a file with more than this share of bytes that are not UTF-8 is refused (binary, or another
+# encoding: random bytes are ~50% invalid, Latin-1 prose a few percent, and training on U+FFFD
+# teaches nothing); below it, the stray bad bytes become U+FFFD with a warning.
+MAX_INVALID_UTF8_SHARE = 0.01
 DEFAULT_CORPUS_BYTES = 4 * 1024 * 1024
 # standard-library folders left out of the default corpus: tests, data-heavy or generated code
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip",
@@ -167,8 +173,32 @@ def prepare_data(data: Sequence[str], tokenizer: str = "byte", val_fraction: flo
                      tokenizer=tokenizer_from_state(meta["tokenizer"]), meta=meta)
 
 
+def read_text_file(path: Path, verbose: bool = True) -> str:
+    """The file as text; binary or non-UTF-8 files are refused with the share of bad bytes."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise DataError(f"data: {str(path)!r} is a binary file (it contains NUL bytes); give UTF-8 text files")
+    text = raw.decode("utf-8", errors="replace")
+    # each invalid byte (or truncated sequence) became one U+FFFD; genuine U+FFFD are EF BF BD in raw
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced:
+        share = replaced / len(raw)
+        if share > MAX_INVALID_UTF8_SHARE:
+            raise DataError(f"data: {str(path)!r} is not UTF-8 text: {share:.1%} of its bytes are invalid "
+                            f"UTF-8 (at most {MAX_INVALID_UTF8_SHARE:.0%} is accepted); convert it, e.g. "
+                            f"iconv -f latin1 -t utf-8")
+        if verbose:
+            print(f"data: warning: {str(path)!r}: {replaced} bytes ({share:.2%}) are not valid UTF-8 and are "
+                  f"read as U+FFFD")
+    return text
+
+
 def _tokenize(files, tokenizer: str, val_fraction: float, out: Path, verbose: bool):
-    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    texts = [read_text_file(p, verbose) for p in files]
+    text = "\n".join(texts)
+    if not any(texts):
+        raise DataError(f"data: the {len(files)} file(s) given contain no text ({str(files[0])!r}"
+                        f"{', ...' if len(files) > 1 else ''}); give non-empty UTF-8 text files")
     tok = ByteTokenizer() if tokenizer == "byte" else CharTokenizer("".join(sorted(set(text))))
     ids = np.array(tok.encode(text), dtype=np.int64)
     dtype = np.uint8 if tok.vocab_size <= 256 else np.uint16 if tok.vocab_size <= 65536 else np.uint32
@@ -195,7 +225,7 @@ class BatchSampler:
         for split, tokens in (("train", data.train), ("val", data.val)):
             length = len(tokens) // dp_size
             if length < block_size + 2:
-                raise ValueError(
+                raise DataError(
                     f"data: the {split} split has {len(tokens):,} tokens, {length:,} per data-parallel rank "
                     f"(dp={dp_size}); block_size {block_size} needs at least {block_size + 2} per rank: "
                     f"give more text or a smaller block_size")

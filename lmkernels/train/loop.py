@@ -6,6 +6,7 @@ one FusedAdamW step, learning rate from linear warm-up then cosine decay. Every 
 train/val loss and perplexity, and a checkpoint. Batches and dropout seeds are pure functions
 of (seed, rank, iteration), so a resumed run repeats the uninterrupted run's losses exactly.
 """
+import datetime
 import math
 import os
 import time
@@ -19,9 +20,11 @@ from lmkernels.distributed import mesh as mesh_lib
 from lmkernels.distributed import tensor_parallel as tp_lib
 from lmkernels.models.gpt import GPT, GPTConfig
 from lmkernels.train import checkpoint as ckpt_lib
-from lmkernels.train.config import ConfigError, TrainConfig, to_dict, validate
-from lmkernels.train.data import BatchSampler, prepare_data, tokenizer_from_state
+from lmkernels.train.config import TrainConfig, to_dict, validate
+from lmkernels.train.data import BatchSampler, prepare_data
+from lmkernels.train.errors import ConfigError, TrainingStopped
 from lmkernels.train.metrics import MetricsLog, plot_losses, progress_line
+from lmkernels.train.waits import WaitTracker, is_timeout
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rotary")
 
@@ -62,7 +65,8 @@ def setup_distributed(cfg: TrainConfig):
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     return mesh_lib.init_mesh(cfg.tp, device.type), device
 
 
@@ -124,9 +128,34 @@ def seed_for(cfg: TrainConfig, mesh, it: int) -> int:
     return (cfg.seed * 1_000_003 + mesh.dp_rank * 7919 + it) & 0x7FFF_FFFF
 
 
+def check_out_dir(out_dir: Path):
+    for path in (out_dir, *out_dir.parents):  # the nearest existing one must be a directory
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"out_dir {str(out_dir)!r}: {str(path)!r} exists and is not a directory")
+            return
+
+
+def finite_weights(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
 def train(cfg: TrainConfig) -> list:
-    """Runs training as configured; returns the per-iteration records (rank 0's view)."""
+    """Runs training as configured; returns the per-iteration records (rank 0's view). Bad
+    options, data or checkpoints raise the errors of lmkernels.train.errors before training starts;
+    a non-finite loss or a timed-out collective raises TrainingStopped."""
+    check_out_dir(Path(cfg.out_dir))
     mesh, device = setup_distributed(cfg)
+    waits = WaitTracker(mesh.rank, mesh.world_size, cfg.dist_timeout)
+    try:
+        return _train(cfg, mesh, device, waits)
+    except RuntimeError as e:
+        if mesh.world_size > 1 and not isinstance(e, TrainingStopped) and is_timeout(e):
+            raise waits.explain(e) from None
+        raise
+
+
+def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
     say = print if mesh.is_main else (lambda *a, **k: None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
@@ -138,6 +167,7 @@ def train(cfg: TrainConfig) -> list:
 
     # data: local rank 0 tokenizes into the cache while the others wait, then all open it
     local_main = local_rank_of_process() == 0
+    waits.at("the barrier after local rank 0 tokenizes the data")
     if not local_main:
         ckpt_lib._barrier()
     data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, cfg.data_cache or None, verbose=mesh.is_main)
@@ -145,11 +175,17 @@ def train(cfg: TrainConfig) -> list:
         ckpt_lib._barrier()
 
     # model: every rank builds the same full model (same seed), then keeps its TP shard
-    resume = ckpt_lib.load_checkpoint(cfg.out_dir, mesh.tp_rank, mesh.tp_size) if cfg.init_from == "resume" else None
-    if resume is not None:
+    resume = resume_path = None
+    if cfg.init_from == "resume":
+        waits.at("the all-reduce that agrees on a valid checkpoint to resume from")
+        resume_path, resume = ckpt_lib.open_checkpoint(cfg.out_dir, mesh.tp_rank, mesh.tp_size)
         model_args = resume["model_args"]
         if resume["tokenizer"] != data.tokenizer.state():
             raise ConfigError("init_from=resume: the data/tokenizer differ from the checkpoint's (other vocabulary)")
+        given = dict({k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=cfg.vocab_size or model_args["vocab_size"])
+        overridden = [f"{k}={v} (command line: {given[k]})" for k, v in model_args.items() if given.get(k, v) != v]
+        if overridden:
+            say(f"resume: the checkpoint's model settings override the command line: {', '.join(overridden)}")
     else:
         vocab = cfg.vocab_size or data.vocab_size
         if vocab < data.vocab_size:
@@ -172,7 +208,7 @@ def train(cfg: TrainConfig) -> list:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start_iter, best_val = resume["iter_num"], resume["best_val_loss"]
-        say(f"resumed from {ckpt_lib.latest_checkpoint(cfg.out_dir)} at iteration {start_iter}")
+        say(f"resumed from {resume_path} at iteration {start_iter}")
         del resume
     if cfg.compile:
         model.compile()  # in place: state_dict names and the DP wrapper see the same module
@@ -184,6 +220,8 @@ def train(cfg: TrainConfig) -> list:
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=mesh.is_main, truncate=cfg.init_from == "scratch")
     say(f"training {cfg.max_iters} iterations of {tokens_per_iter:,} tokens "
         f"(batch {cfg.batch_size} x {block_size} x accumulation {cfg.gradient_accumulation_steps} x dp {mesh.dp_size})")
+
+    last_saved = resume_path  # the newest checkpoint known good
 
     def mean_over_dp(value: torch.Tensor) -> float:
         if mesh.dp_size > 1:
@@ -207,18 +245,33 @@ def train(cfg: TrainConfig) -> list:
         model.train()
         return out
 
-    def save(it: int):
+    def save(it: int, ev: dict):
+        nonlocal last_saved
+        waits.at(f"the all-reduce that checks the weights before the checkpoint of iteration {it}")
+        finite = all(math.isfinite(v) for v in ev.values()) and finite_weights(params)
+        if not ckpt_lib.all_ranks_agree(finite):  # a NaN model must never replace the last good checkpoint
+            raise TrainingStopped(f"iteration {it}: the weights or evaluation losses ({ev}) are not finite; no "
+                                  f"checkpoint written. {last_good()}")
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
                      tp_layout=tp_lib.shard_layout(model))
-        path = ckpt_lib.save_checkpoint(cfg.out_dir, it, state, mesh)
-        say(f"checkpoint: {path}")
+        waits.at(f"saving the checkpoint of iteration {it}")
+        # a run from scratch replaces the checkpoints of any earlier run in out_dir at its first save
+        keep = cfg.keep_checkpoints if last_saved is not None else 1
+        last_saved = ckpt_lib.save_checkpoint(cfg.out_dir, it, state, mesh, keep=keep)
+        say(f"checkpoint: {last_saved}")
+
+    def last_good() -> str:
+        return (f"The last good checkpoint is {last_saved}: resume from it with init_from=resume (e.g. with a "
+                f"lower learning_rate)" if last_saved else "No checkpoint was written by this run.")
 
     records, window_t, window_tokens, window_loss = [], time.perf_counter(), 0, []
     params = [p for p in model.parameters() if p.requires_grad]
+    nonfinite_in_a_row = 0
     for it in range(start_iter, cfg.max_iters + 1):
         if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start_iter or it == 0):
+            waits.at(f"the evaluation at iteration {it} (loss all-reduce over DP)")
             ev = evaluate()
             best_val = min(best_val, ev["val"])
             say(f"eval {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}, "
@@ -226,7 +279,7 @@ def train(cfg: TrainConfig) -> list:
             log.write(kind="eval", iter=it, train_loss=ev["train"], val_loss=ev["val"],
                       val_ppl=math.exp(min(ev["val"], 50)))
             if it > start_iter:
-                save(it)
+                save(it, ev)
             window_t = time.perf_counter()  # evaluation time is not training throughput
         if it == cfg.max_iters:
             break
@@ -235,6 +288,7 @@ def train(cfg: TrainConfig) -> list:
             group["lr"] = lr
         torch.manual_seed(seed_for(cfg, mesh, it))
         t0 = time.perf_counter()
+        waits.at(f"forward and backward of iteration {it} (TP all-reduces, DP gradient all-reduce)")
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             x, y = sampler.get_batch("train", it, micro)
@@ -249,14 +303,32 @@ def train(cfg: TrainConfig) -> list:
             loss_sum += loss.detach().float()
         if ddp_model is not model:
             ddp_model.finish_gradient_sync()
+        # checked before the step, so a NaN loss never reaches the weights; every rank sees the same
+        # value (NaN survives the TP loss all-reduce and this DP mean) and takes the same branch
+        waits.at(f"the loss all-reduce of iteration {it}")
+        loss_value = mean_over_dp(loss_sum)
+        if not math.isfinite(loss_value):
+            # under DP the gradients are views into the all-reduce buckets: zero them in place
+            optimizer.zero_grad(set_to_none=ddp_model is model)
+            nonfinite_in_a_row += 1
+            if nonfinite_in_a_row > cfg.max_nonfinite_steps:
+                raise TrainingStopped(
+                    f"iteration {it}: the loss is {loss_value} ({nonfinite_in_a_row} non-finite step(s) in a row, "
+                    f"max_nonfinite_steps={cfg.max_nonfinite_steps}); stopped before updating the weights. "
+                    f"{last_good()}")
+            say(f"iter {it}: loss is {loss_value}; step skipped ({nonfinite_in_a_row} in a row, "
+                f"max_nonfinite_steps={cfg.max_nonfinite_steps})")
+            continue
+        nonfinite_in_a_row = 0
         if cfg.grad_clip > 0:
+            waits.at(f"the gradient-norm all-reduce of iteration {it}")
             scaler.unscale_(optimizer)
             tp_lib.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
         scaler.step(optimizer)
         scaler.update()
-        # under DP the gradients are views into the all-reduce buckets: zero them in place
         optimizer.zero_grad(set_to_none=ddp_model is model)
-        loss_value = mean_over_dp(loss_sum)  # also waits for the device: the step is done
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step is done: dt below is its time
         dt = time.perf_counter() - t0
         tok_s = tokens_per_iter / dt
         mfu = flops_per_token * tok_s / (peak * mesh.world_size)
@@ -276,6 +348,7 @@ def train(cfg: TrainConfig) -> list:
         if plot:
             say(f"loss curve: {plot}")
     if cfg.sample_tokens > 0:
+        waits.at("gathering the TP shards for the sample")
         full = tp_lib.full_state_dict(model, mesh.tp_group)
         if mesh.is_main:
             say("sample:\n" + sample_text(full, model_args, data.tokenizer, cfg.sample_tokens, device, cfg.seed))
@@ -297,6 +370,3 @@ def sample_text(state_dict, model_args, tokenizer, max_new_tokens, device, seed=
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
     return tokenizer.decode(out[0].tolist())
 
-
-def load_tokenizer(state: dict):
-    return tokenizer_from_state(state)
