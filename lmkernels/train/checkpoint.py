@@ -220,7 +220,7 @@ def _open(out_dir, tp_ranks, tp_size, map_location):
     root = Path(out_dir) / "ckpt"
     candidates, problems = _candidates(root)
     if not candidates:
-        raise FileNotFoundError(f"init_from=resume: no checkpoint in {str(root)!r} ("
+        raise FileNotFoundError(f"no checkpoint in {str(root)!r} ("
                                 + ("; ".join(problems) or "the file 'latest' is missing")
                                 + "); train with init_from=scratch first or point out_dir at a run")
     for problem in problems:

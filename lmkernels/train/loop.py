@@ -153,6 +153,8 @@ def train(cfg: TrainConfig) -> list:
         if mesh.world_size > 1 and not isinstance(e, TrainingStopped) and is_timeout(e):
             raise waits.explain(e) from None
         raise
+    finally:
+        waits.close()
 
 
 def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
