@@ -249,5 +249,5 @@ def test_dp_x_tp_training_matches_single_process(tmp_path):
                           timeout=240)
     assert out == [True] * 4
     ckpt = sorted((tmp_path / "resumed" / "ckpt").iterdir())
-    assert [p.name for p in ckpt] == ["iter-0000006", "latest"]
-    assert sorted(p.name for p in ckpt[0].iterdir()) == ["tp0-of-2.pt", "tp1-of-2.pt"]
+    assert [p.name for p in ckpt] == ["iter-0000004", "iter-0000006", "latest"]  # keep_checkpoints=2
+    assert sorted(p.name for p in ckpt[1].iterdir()) == ["manifest.json", "tp0-of-2.pt", "tp1-of-2.pt"]
