@@ -203,6 +203,9 @@ def _tokenize(files, tokenizer: str, val_fraction: float, out: Path, verbose: bo
     ids = np.array(tok.encode(text), dtype=np.int64)
     dtype = np.uint8 if tok.vocab_size <= 256 else np.uint16 if tok.vocab_size <= 65536 else np.uint32
     n_val = max(int(len(ids) * val_fraction), 1)
+    if n_val >= len(ids):  # an empty split cannot even be opened (numpy cannot mmap an empty file)
+        raise DataError(f"data: {len(ids)} token(s) in all ({str(files[0])!r}{', ...' if len(files) > 1 else ''}) "
+                        f"leave nothing for training after the validation split; give more text")
     ids[:-n_val].astype(dtype).tofile(out / "train.bin")
     ids[-n_val:].astype(dtype).tofile(out / "val.bin")
     meta = {"tokenizer": tok.state(), "dtype": np.dtype(dtype).name, "files": len(files),
