@@ -371,4 +371,3 @@ def sample_text(state_dict, model_args, tokenizer, max_new_tokens, device, seed=
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
     return tokenizer.decode(out[0].tolist())
-
