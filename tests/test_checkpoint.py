@@ -74,7 +74,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path, capsys,
     assert path.name == "iter-0000005" and state["iter_num"] == 5 and torch.equal(state["w"], torch.full((64,), 5.0))
     err = capsys.readouterr().err
     assert f"skipping checkpoint {str(bad.parent)!r}: shard {str(bad)!r} " in err and words in err, err
-    assert f"resuming from the older checkpoint {str(path)!r}" in err
+    assert f"using the older checkpoint {str(path)!r}" in err
 
 
 def test_no_valid_checkpoint_is_an_error_naming_the_file(tmp_path, capsys):
@@ -99,7 +99,8 @@ def test_garbage_that_matches_its_manifest_is_an_error_naming_the_file(tmp_path)
         ckpt_lib.load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["empty latest", "dangling latest", "missing latest", "missing manifest"])
+@pytest.mark.parametrize("damage", ["empty latest", "dangling latest", "missing latest", "missing manifest",
+                                    "garbage manifest", "malformed manifest"])
 def test_a_bad_pointer_or_manifest_falls_back_with_a_warning(tmp_path, capsys, damage):
     _save(tmp_path, 5, 10)
     root = tmp_path / "ckpt"
@@ -109,12 +110,18 @@ def test_a_bad_pointer_or_manifest_falls_back_with_a_warning(tmp_path, capsys, d
         (root / "latest").write_text("iter-0000077")
     elif damage == "missing latest":
         (root / "latest").unlink()
-    else:
+    elif damage == "missing manifest":
         (root / "iter-0000010" / "manifest.json").unlink()
+    elif damage == "garbage manifest":
+        (root / "iter-0000010" / "manifest.json").write_bytes(b"\x00\xff{")
+    else:
+        (root / "iter-0000010" / "manifest.json").write_text('{"tp_size": 1, "shards": {"tp0-of-1.pt": 7}}')
     state = ckpt_lib.load_checkpoint(tmp_path)
-    assert state["iter_num"] == (5 if damage == "missing manifest" else 10)
+    assert state["iter_num"] == (5 if "manifest" in damage else 10)
     err = capsys.readouterr().err
-    assert "checkpoint: warning:" in err and ("latest'" in err or "manifest.json' is missing" in err), err
+    words = {"missing manifest": "manifest.json' is missing", "garbage manifest": "manifest.json' is unreadable",
+             "malformed manifest": "manifest.json' is not a checkpoint manifest"}.get(damage, "latest'")
+    assert "checkpoint: warning:" in err and words in err, err
 
 
 def test_resume_after_a_corrupted_shard_repeats_the_uninterrupted_run(tmp_path, corpus, capsys):  # noqa: F811

@@ -163,12 +163,18 @@ def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text())
-        manifest["tp_size"], manifest["shards"]  # noqa: B018  (the keys every manifest has)
-        return manifest
     except FileNotFoundError:
         raise CheckpointError(f"{str(file)!r} is missing (an incomplete or pre-manifest checkpoint)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{str(file)!r} is unreadable ({type(e).__name__}: {e})") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    well_formed = (isinstance(shards, dict) and isinstance(manifest.get("tp_size"), int) and manifest["tp_size"] >= 1
+                   and all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                           for e in shards.values()))
+    if not well_formed:
+        raise CheckpointError(f"{str(file)!r} is not a checkpoint manifest (expected tp_size and shards with "
+                              f"bytes and sha256)")
+    return manifest
 
 
 def _verify_shard(path: Path, manifest: dict, tp_rank: int, tp_size: int) -> Path:
@@ -232,15 +238,15 @@ def _open(out_dir, tp_ranks, tp_size, map_location):
             saved_tp = manifest["tp_size"]
             if tp_size is not None and saved_tp != tp_size:
                 raise ConfigError(f"checkpoint {str(path)!r} was written with tp={saved_tp}; resume it with "
-                                 f"tp={saved_tp} (got tp={tp_size}), or sample from it with lmkernels-sample, "
-                                 f"which merges shards")
+                                  f"tp={saved_tp} (got tp={tp_size}), or sample from it with lmkernels-sample, "
+                                  f"which merges shards")
             ranks = range(saved_tp) if tp_ranks is None else tp_ranks
             files = [_verify_shard(path, manifest, r, saved_tp) for r in ranks]
         except CheckpointError as e:
             problem = str(e)
         if all_ranks_agree(problem is None):
             if i:
-                _warn(f"resuming from the older checkpoint {str(path)!r}")
+                _warn(f"using the older checkpoint {str(path)!r}")
             return path, [_load_file(f, map_location) for f in files]
         if problem:  # only the rank(s) that found the problem know it
             _warn(f"skipping checkpoint {str(path)!r}: {problem}")
