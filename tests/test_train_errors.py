@@ -202,14 +202,14 @@ def test_a_stopped_rank_makes_the_others_exit_naming_the_wait_and_the_peer(tmp_p
     message naming its wait and rank 1, not hang."""
     prepare_data([str(corpus)], "byte", 0.1, tmp_path / "cache", verbose=False)  # both ranks reuse it
     port = _free_port()
+    options = ("--max_iters=100000", "--eval_interval=1000", "--dist_timeout=4", "--sample_tokens=0",
+               "--peak_flops=1e9")  # no FLOP/s measurement at start-up
+    cmd = [sys.executable, "-m", "lmkernels.train", *_args(tmp_path, corpus, *options)]
     procs = []
     for rank in range(2):
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lmkernels.train", *_args(tmp_path, corpus, "--max_iters=100000", "--eval_interval=1000",
-                                                              "--dist_timeout=4", "--sample_tokens=0", "--peak_flops=1e9")],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     try:
         metrics = tmp_path / "out" / "metrics.jsonl"
         deadline = time.time() + 120
