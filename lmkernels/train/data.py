@@ -3,6 +3,8 @@
 - Sources: files or directories (every non-binary file under them, in sorted order), or with
   none given the default corpus: this Python installation's standard-library sources (every
   installation has them, no network), a deterministic first few MB in sorted path order.
+  Every file must be UTF-8 text: a binary file, or one with more than 1% invalid bytes, is a
+  DataError naming it (a few stray bytes become U+FFFD with a warning); so is an empty corpus.
 - Tokenizers: "byte" (UTF-8 bytes, vocabulary 256) or "char" (the corpus's distinct characters).
 - Cache: tokenized once into train.bin / val.bin (numpy memmaps) + meta.json under a directory
   named by a hash of the sources (paths, sizes, mtimes) and the tokenizer; written to a temp
@@ -27,7 +29,7 @@ import torch
 
 from lmkernels.train.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: files are checked for binary and non-UTF-8 content (older caches were not)
 # a file with more than this share of bytes that are not UTF-8 is refused (binary, or another
 # encoding: random bytes are ~50% invalid, Latin-1 prose a few percent, and training on U+FFFD
 # teaches nothing); below it, the stray bad bytes become U+FFFD with a warning.
