@@ -3,6 +3,7 @@
 silently wrong run. Training runs are tiny (a few iterations of a 1-layer model)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import torch
 
 from lmkernels.train import checkpoint as ckpt_lib
 from lmkernels.train.__main__ import main
+from lmkernels.train.config import ConfigError, TrainConfig, validate
 from lmkernels.train.data import prepare_data
 from lmkernels.train.sample import main as sample_main
 from tests.test_train import ROOT, TINY, _args, corpus  # noqa: F401  (corpus is a fixture)
@@ -38,6 +40,18 @@ def test_non_finite_float_options_are_refused(tmp_path, corpus, capsys, option):
 def test_new_options_are_range_checked(tmp_path, corpus, capsys, option, words):  # noqa: F811
     assert main(_args(tmp_path, corpus, "--max_iters=1", "--sample_tokens=0", option)) == 2
     assert f"lmkernels-train: error: {words}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(learning_rate="abc"), "learning_rate must be a number; got 'abc' (str)"),
+    (dict(n_layer=2.5), "n_layer must be an integer; got 2.5 (float)"),
+    (dict(max_iters=True), "max_iters must be an integer; got True (bool)"),
+    (dict(data="corpus.txt"), "data must be a list of paths (strings); got 'corpus.txt' (str)"),
+    (dict(bias="no"), "bias must be True or False; got 'no' (str)"),
+])
+def test_a_config_built_in_python_gets_its_types_checked(kwargs, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        validate(TrainConfig(**kwargs))
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -100,10 +100,25 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
+def _type_ok(kind, value) -> bool:
+    if kind is float:  # an int is a fine float; a bool is neither a number nor a count here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (bool, str):
+        return isinstance(value, kind)
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)  # data: List[str]
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    # NaN passes every `<`/`>` range check, and inf passes most: test finiteness first, for every float
+    # a TrainConfig built in Python skips argparse's conversions: check the types first
     for f in fields(TrainConfig):
         value = getattr(cfg, f.name)
+        if not _type_ok(f.type, value):
+            expected = {float: "a number", int: "an integer", bool: "True or False", str: "a string"}.get(
+                f.type, "a list of paths (strings)")
+            raise ConfigError(f"{f.name} must be {expected}; got {value!r} ({type(value).__name__})")
+        # NaN passes every `<`/`>` range check, and inf passes most: test finiteness before ranges
         if f.type is float and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be a finite number; got {value}")
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
