@@ -52,6 +52,9 @@ class TrainConfig:
                                                        "the machine is already busy)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "random seed (weights, batches, dropout)"})
+    # 300 s: the longest legitimate waits are local rank 0 tokenizing (the default corpus: 1.2 s on a
+    # loaded 2-core Xeon), one rank writing its checkpoint shard, an evaluation; torch's defaults
+    # (gloo 30 min, NCCL 10 min) leave a stopped rank's peers idle for far longer
     dist_timeout: float = field(default=300.0, metadata={
         "help": "seconds a rank waits in a collective (or barrier) for the others before it stops with an "
                 "error naming the wait; raise it when tokenizing a very large data set or saving to a slow disk"})
