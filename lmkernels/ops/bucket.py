@@ -66,7 +66,8 @@ def _unpack_torch(flat, tensors, scale):
     _check_total("bucket_unpack_", tensors, flat)
     offset = 0
     for t in tensors:
-        piece = flat[offset:offset + t.numel()].to(_opmath(flat.dtype, t.dtype)).mul_(scale)
+        # Out of place: .to() returns flat's own memory when the dtype already matches.
+        piece = flat[offset:offset + t.numel()].to(_opmath(flat.dtype, t.dtype)) * scale
         t.copy_(piece.view_as(t))
         offset += t.numel()
 
