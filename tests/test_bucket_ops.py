@@ -149,6 +149,7 @@ def test_torch_fallback_matches_kernel(src, dst):
     assert torch.equal(flat, flat_ref)
     outs, outs_ref = [torch.empty_like(t) for t in tensors], [torch.empty_like(t) for t in tensors]
     bucket_op._unpack_torch(flat, outs, 3.0)
+    assert torch.equal(flat, flat_ref)  # the old fallback scaled flat in place when dtypes matched
     bucket_unpack_(flat, outs_ref, 3.0)
     bucket_op._scale_torch(outs, 0.7)
     bucket_scale_(outs_ref, 0.7)
