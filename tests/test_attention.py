@@ -257,6 +257,7 @@ def test_backend_table_for_cuda_tensors(monkeypatch):
         with pytest.raises(ValueError, match=re.escape("no 'cuda' kernel for this op; on CUDA tensors use one of ('auto', 'triton')")):
             table.pick("cuda")
         monkeypatch.setenv("LMK_BACKEND", "cuda")
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
         with pytest.warns(UserWarning, match="LMK_BACKEND=cuda has no kernel for this op"):
             assert table.pick("auto") is triton
         monkeypatch.delenv("LMK_BACKEND")

@@ -130,6 +130,7 @@ def test_backend_table_for_cuda_tensors(monkeypatch):
         with pytest.raises(ValueError, match="no 'triton' kernel for this op; on CUDA tensors use one of \\('auto', 'cuda'\\)"):
             table.pick("triton")
         monkeypatch.setenv("LMK_BACKEND", "triton")
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
         with pytest.warns(UserWarning, match="LMK_BACKEND=triton has no kernel for this op"):
             assert table.pick("auto") is (kernel if compiled else fallback)
         monkeypatch.delenv("LMK_BACKEND")

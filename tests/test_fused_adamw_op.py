@@ -339,6 +339,7 @@ def test_backend_table_for_cuda_tensors(monkeypatch):
         with pytest.raises(RuntimeError, match="built without CUDA kernels"):
             table.pick("cuda")
         monkeypatch.setenv("LMK_BACKEND", "cuda")  # a preference this build cannot honour
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
         with pytest.warns(UserWarning, match="LMK_BACKEND=cuda"):
             assert table.pick("auto") is adamw_op._triton_kernel
 
