@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 
 namespace lmk {
 
@@ -17,8 +18,13 @@ struct AdamWArgs {
 };
 
 // Validates every argument (names the offending one) and returns the device they share.
-// Also reachable from Python as torch.ops.lmkernels.fused_adamw_check (the Triton path).
+// Also reachable from Python as lmkernels._C.check_fused_adamw_args (the Triton path).
+// Step counts and lr_tensor are range-checked only when on the CPU (no device sync).
 at::Device check_adamw_args(const AdamWArgs& a);
+
+// The CUDA C++ kernel (cuda/adamw_cuda.cu; checks its arguments first). Bound into
+// lmkernels._C (module.cpp) for the CUDA backend table of lmkernels/ops/adamw.py.
+void fused_adamw_cuda(const AdamWArgs& args);
 
 // The op's argument list, in schema order (shared by every registered implementation).
 #define LMK_ADAMW_PARAMS                                                                       \
@@ -28,6 +34,11 @@ at::Device check_adamw_args(const AdamWArgs& a);
       double weight_decay, bool amsgrad, bool maximize, bool adam_w_mode,                       \
       const std::optional<at::Tensor>&lr_tensor, const std::optional<at::Tensor>&inv_scale,     \
       const std::optional<at::Tensor>&found_inf, int64_t stochastic_rounding_seed
+// The same names, to forward them (the CPU op's wrapper passes them on to the kernel).
+#define LMK_ADAMW_NAMES                                                                        \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, beta1, \
+      beta2, eps, weight_decay, amsgrad, maximize, adam_w_mode, lr_tensor, inv_scale, found_inf, \
+      stochastic_rounding_seed
 #define LMK_ADAMW_ARGS                                                                         \
   AdamWArgs {                                                                                   \
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr,      \

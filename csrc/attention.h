@@ -1,4 +1,5 @@
-// attention_fwd / attention_bwd: shared declarations for the kernels (CPU: cpu/attention_cpu.cpp).
+// attention_fwd / attention_bwd: shared declarations for the checks (attention.cpp) and the CPU
+// kernel (cpu/attention_cpu.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -20,8 +21,16 @@ struct AttnMask {
   int64_t hi(int64_t i) const { return right < 0 ? S : std::min<int64_t>(S, i + S - T + right + 1); }
 };
 
-// Validates the forward's arguments (names the offending one).
+constexpr int64_t kMaxHeadDim = 256;
+
+// Validate the forward's / backward's arguments (names the offending one). One source of truth
+// for every backend: the CPU op calls them in C++, the Triton path through lmkernels._C.
 void check_attention_args(const char* op, const at::Tensor& query, const at::Tensor& key,
                           const at::Tensor& value, int64_t window_left, int64_t window_right);
+void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tensor& query,
+                              const at::Tensor& key, const at::Tensor& value,
+                              const at::Tensor& out, const at::Tensor& lse,
+                              const std::optional<at::Tensor>& grad_lse, int64_t window_left,
+                              int64_t window_right);
 
 }  // namespace lmk

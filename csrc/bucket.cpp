@@ -1,5 +1,6 @@
-// Schemas and argument checks of the gradient-bucket ops (CPU kernel: cpu/bucket_cpu.cpp, CUDA
-// kernel: cuda/bucket_cuda.cu, Python wrapper + fakes: lmkernels/ops/bucket.py).
+// Schemas and argument checks of the gradient-bucket ops (CPU kernel: cpu/bucket_cpu.cpp,
+// registered for the CPU key; CUDA tensors: lmkernels/ops/bucket.py picks the CUDA kernel
+// cuda/bucket_cuda.cu; Python wrapper + fakes: lmkernels/ops/bucket.py).
 #include "bucket.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -111,10 +112,15 @@ BucketPlan plan_bucket_scale(at::TensorList tensors) {
 }  // namespace lmk
 
 TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
+  // backend: "auto", "cpu" or "cuda" (there is no Triton bucket kernel).
   // flat[o_i : o_i + n_i] = cast(tensors[i] * scale), o_i = sizes of tensors[:i] summed.
-  m.def("bucket_pack_(Tensor[] tensors, Tensor(a!) flat, float scale=1.0) -> ()");
+  m.def(
+      "bucket_pack_(Tensor[] tensors, Tensor(a!) flat, float scale=1.0, *, "
+      "str backend=\"auto\") -> ()");
   // tensors[i] = cast(flat[o_i : o_i + n_i] * scale).
-  m.def("bucket_unpack_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0) -> ()");
+  m.def(
+      "bucket_unpack_(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, *, "
+      "str backend=\"auto\") -> ()");
   // tensors[i] *= scale.
-  m.def("bucket_scale_(Tensor(a!)[] tensors, float scale) -> ()");
+  m.def("bucket_scale_(Tensor(a!)[] tensors, float scale, *, str backend=\"auto\") -> ()");
 }

@@ -32,4 +32,10 @@ BucketPlan plan_bucket_pack(at::TensorList tensors, const at::Tensor& flat);
 BucketPlan plan_bucket_unpack(const at::Tensor& flat, at::TensorList tensors);
 BucketPlan plan_bucket_scale(at::TensorList tensors);
 
+// The CUDA kernels (cuda/bucket_cuda.cu; each plans, i.e. checks, first). Bound into
+// lmkernels._C (module.cpp) for the CUDA backend table of lmkernels/ops/bucket.py.
+void bucket_pack_cuda(at::TensorList tensors, const at::Tensor& flat, double scale);
+void bucket_unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale);
+void bucket_scale_cuda(at::TensorList tensors, double scale);
+
 }  // namespace lmk

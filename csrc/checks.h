@@ -6,6 +6,7 @@
 
 #include <ostream>
 #include <string>
+#include <string_view>
 
 namespace lmk {
 
@@ -72,6 +73,22 @@ inline void check_scalar_f32(const char* op, const Name& name, const at::Tensor&
               t.scalar_type());
   TORCH_CHECK(t.device() == device, op, ": ", name.str(), " must be on ", device, "; got ",
               t.device());
+}
+
+// The schema's trailing `backend` argument, as seen by a C++ CPU kernel. CPU tensors have one
+// kernel, so only "auto" and "cpu" run; LMK_BACKEND (a choice among GPU kernels) is not read
+// here. `triton_launcher`: the plain function that runs the op's Triton kernel on CPU tensors
+// under TRITON_INTERPRET=1 (nullptr: the op has no Triton kernel).
+inline void check_cpu_backend(const char* op, std::string_view backend, const char* triton_launcher) {
+  if (backend == "auto" || backend == "cpu") return;
+  TORCH_CHECK_VALUE(backend == "cuda" || backend == "triton", op,
+                    ": backend must be one of ('auto', 'cpu', 'cuda', 'triton'); got '", backend,
+                    "'");
+  if (backend == "triton" && triton_launcher != nullptr) {
+    TORCH_CHECK_VALUE(false, op, ": backend 'triton' needs CUDA tensors; got CPU tensors (under "
+                      "TRITON_INTERPRET=1 call ", triton_launcher, " directly)");
+  }
+  TORCH_CHECK_VALUE(false, op, ": backend '", backend, "' needs CUDA tensors; got CPU tensors");
 }
 
 }  // namespace lmk

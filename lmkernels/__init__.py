@@ -3,9 +3,9 @@ import torch  # noqa: F401  (loads libtorch/libc10, which lmkernels._C links aga
 
 from lmkernels._extension import build_info, load_extension
 
-load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
+load_extension()  # registers torch.ops.lmkernels.* (schemas and C++ CPU kernels)
 
-from lmkernels import ops  # noqa: E402  (registers the Python-side ops: fakes, Triton, autograd)
+from lmkernels import ops  # noqa: E402  (registers fakes, the CUDA-tensor backend tables, autograd)
 from lmkernels.ops import attention, fused_adamw_  # noqa: E402
 from lmkernels.optim import FusedAdamW  # noqa: E402
 

@@ -1,7 +1,9 @@
 """Which backends the tests can run here, and on which device.
 
-The Triton backend runs on CUDA tensors when a GPU is present and the GPU check asked for it
-(LMK_TEST_GPU=1), otherwise on CPU tensors under TRITON_INTERPRET=1 (set in conftest)."""
+The Triton backend runs through the ops on CUDA tensors when a GPU is present and the GPU check
+asked for it (LMK_TEST_GPU=1); otherwise the tests call the Triton launchers (plain functions)
+directly on CPU tensors under TRITON_INTERPRET=1 (set in conftest): the ops run Triton only on
+CUDA tensors."""
 import os
 
 import pytest
@@ -25,6 +27,17 @@ def backend_params(*names: str):
         else:
             params.append(name)
     return params
+
+
+def uses_launcher(backend: str) -> bool:
+    """Whether this backend's test calls the Triton launcher on CPU tensors (no GPU here)."""
+    return backend == "triton" and not ON_GPU
+
+
+def op_backend_params(*names: str):
+    """backend_params for tests of the op itself (opcheck): Triton only where it runs through
+    the op, i.e. on a GPU."""
+    return backend_params(*(n for n in names if n != "triton" or ON_GPU))
 
 
 def device_for(backend: str) -> str:

@@ -5,8 +5,10 @@ twice the error of PyTorch's math path computed in the same dtype, plus two unit
 of the dtype at the result's magnitude (at least 1: inputs are randn); flash-attention's tests
 add a rounding term of the same kind (their `x + 0.3 - 0.3 - x`).
 """
+import importlib
 import itertools
 import math
+import re
 import sys
 
 import pytest
@@ -14,7 +16,11 @@ import torch
 
 import lmkernels
 from lmkernels.reference.attention import attention_reference
+from lmkernels.triton import attention as triton_attention
 from lmkernels.triton._common import triton_interpreted
+from tests._backends import ON_GPU, uses_launcher
+
+attention_op = importlib.import_module("lmkernels.ops.attention")  # the package's `attention` is the function
 
 
 LENGTHS = (1, 17, 97, 128, 257)
@@ -48,10 +54,30 @@ def check_lse(ours, pt, truth):
         assert_within_pt_error("lse", ours[keep], pt[keep], truth[keep], torch.float32)
 
 
+def launcher_fwd_bwd(q, k, v, kw, g, glse):
+    """The Triton launchers on CPU tensors (interpreter): out, lse and the gradients of
+    sum(out * g) + sum(finite lse * glse)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    left, right = (-1, -1) if kw["window_size"] is None else kw["window_size"]
+    args = (scale, kw["is_causal"], left, right)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = triton_attention.attention_fwd(q, k, v, *args)
+    grad_lse = None if glse is None else torch.where(torch.isfinite(lse), glse, 0.0)
+    grads = triton_attention.attention_bwd(g.to(out.dtype), q, k, v, out, lse, grad_lse, *args)
+    return out, lse, grads
+
+
 def run_and_compare(backend, B, H, Hkv, T, S, D, dtype, is_causal, window, *, use_lse=False):
     q, k, v = make_inputs(B, H, Hkv, T, S, D, dtype)
     kw = dict(is_causal=is_causal, window_size=window)
-    out, lse = lmkernels.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    if uses_launcher(backend):
+        g = torch.randn(B, H, T, D, dtype=dtype)
+        glse = torch.randn(B, H, T) if use_lse else None
+        out, lse, ours = launcher_fwd_bwd(q, k, v, kw, g, glse)
+    else:
+        out, lse = lmkernels.attention(q, k, v, return_lse=True, backend=backend, **kw)
+        g = torch.randn_like(out)
+        glse = torch.randn_like(lse) if use_lse else None
     truth_out, truth_lse = attention_reference(q, k, v, compute_dtype=torch.float64, **kw)
     pt_out, pt_lse = attention_reference(q, k, v, compute_dtype=dtype, **kw)
     _, pt32_lse = attention_reference(q, k, v, compute_dtype=torch.float32, **kw)
@@ -59,16 +85,14 @@ def run_and_compare(backend, B, H, Hkv, T, S, D, dtype, is_causal, window, *, us
     assert_within_pt_error("out", out, pt_out, truth_out, dtype)
     check_lse(lse, pt32_lse, truth_lse)
 
-    g = torch.randn_like(out)
-    glse = torch.randn_like(lse) if use_lse else None
-
     def grads(o, l):
         loss = (o.float() * g.float()).sum()
         if use_lse:
             loss = loss + (torch.where(torch.isfinite(l), l, 0.0) * glse).sum()
         return torch.autograd.grad(loss, (q, k, v))
 
-    ours = grads(out, lse)
+    if not uses_launcher(backend):
+        ours = grads(out, lse)
     # The float64 truth of the gradients: the reference's own float64 backward.
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     o64, l64 = attention_reference(q64, k64, v64, compute_dtype=torch.float64, **kw)
@@ -179,15 +203,101 @@ def test_bad_input_errors(backend):
 
 def test_cpp_op_checks_its_arguments():
     q, k, v = make_inputs(1, 4, 2, 8, 8, 16, torch.float32, requires_grad=False)
-    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
         kv3 = torch.randn(1, 3, 8, 16)
         torch.ops.lmkernels.attention_fwd(q, kv3, kv3, 1.0, False, -1, -1)
-    with pytest.raises(RuntimeError, match="window"):
+    with pytest.raises(ValueError, match="window"):
         torch.ops.lmkernels.attention_fwd(q, k, v, 1.0, False, -5, -1)
-    with pytest.raises(RuntimeError, match="lse must be float32"):
+    with pytest.raises(ValueError, match="lse must be float32"):
         torch.ops.lmkernels.attention_bwd(q, q, k, v, q, q[..., 0].double(), None, 1.0, False, -1, -1)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="grad_out must have query's shape"):
+        torch.ops.lmkernels.attention_bwd(q[:, :, :4], q, k, v, q, q[..., 0], None, 1.0, False, -1, -1)
+    with pytest.raises(ValueError, match="backend must be one of"):
         lmkernels.attention(q, k, v, backend="nope")
+    with pytest.raises(ValueError, match=re.escape("call lmkernels.triton.attention.attention_fwd directly")):
+        torch.ops.lmkernels.attention_fwd(q, k, v, 1.0, False, -1, -1, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        lmkernels.attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("kw,error,message", [
+    (dict(scale="abc"), TypeError, "scale must be a real number (or None for 1/sqrt(D)); got 'abc' of type str"),
+    (dict(window_size=5), ValueError, "window_size must be None or a (left, right) pair of ints >= -1 (-1: unbounded side); got 5"),
+    (dict(window_size=("a", "b")), TypeError, "window_size must be None or a (left, right) pair of ints >= -1 (-1: unbounded side); got ('a', 'b') (left is of type str)"),
+    (dict(window_size=(3, 2.5)), TypeError, "window_size must be None or a (left, right) pair of ints >= -1 (-1: unbounded side); got (3, 2.5) (right is of type float)"),
+    (dict(window_size=(3, -4)), ValueError, "window_size must be None or a (left, right) pair of ints >= -1 (-1: unbounded side); got (3, -4) (right = -4)"),
+])
+def test_argument_errors_name_the_argument(kw, error, message):
+    """Issue 9: these gave Python's own messages (float('abc'), len(5), int('a'))."""
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, requires_grad=False)
+    with pytest.raises(error, match=r"^attention: .*" + re.escape(message)):
+        lmkernels.attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("preferred", ["cuda", "triton", "cpu"])
+def test_lmk_backend_does_not_break_cpu_tensors(monkeypatch, preferred):
+    """LMK_BACKEND=cuda broke attention on CPU ("needs CUDA tensors"): it chooses among GPU
+    kernels, and CPU tensors have one kernel."""
+    q, k, v = make_inputs(1, 2, 1, 33, 20, 16, torch.float32)
+    expected = lmkernels.attention(q, k, v, is_causal=True)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    monkeypatch.setenv("LMK_BACKEND", preferred)
+    out = lmkernels.attention(q, k, v, is_causal=True)
+    assert torch.equal(out, expected)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected_grads):
+        assert torch.equal(a, b)
+
+
+def test_backend_table_for_cuda_tensors(monkeypatch):
+    """On CUDA tensors attention has one kernel, Triton: backend='cuda' is an error naming the
+    choices; LMK_BACKEND=cuda (process-wide, meant for the other ops) runs Triton with a warning."""
+    for table, triton in ((attention_op.FWD_TABLE, attention_op._fwd_triton),
+                          (attention_op.BWD_TABLE, attention_op._bwd_triton)):
+        assert table.pick("auto") is triton and table.pick("triton") is triton
+        with pytest.raises(ValueError, match=re.escape("no 'cuda' kernel for this op; on CUDA tensors use one of ('auto', 'triton')")):
+            table.pick("cuda")
+        monkeypatch.setenv("LMK_BACKEND", "cuda")
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
+        with pytest.warns(UserWarning, match="LMK_BACKEND=cuda has no kernel for this op"):
+            assert table.pick("auto") is triton
+        monkeypatch.delenv("LMK_BACKEND")
+
+
+def test_fakes_check_shapes():
+    """The fake impls (what torch.compile traces) report bad shapes instead of inventing outputs."""
+    q, k, v = (t.to("meta") for t in make_inputs(1, 4, 2, 8, 8, 16, torch.float32, requires_grad=False))
+    with pytest.raises(ValueError, match="key batch 2 differs from query batch 1"):
+        torch.ops.lmkernels.attention_fwd(q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), 1.0, False, -1, -1)
+    with pytest.raises(ValueError, match="query heads H=4 must be a multiple of key/value heads Hkv=3"):
+        kv = torch.empty(1, 3, 8, 16, device="meta")
+        torch.ops.lmkernels.attention_fwd(q, kv, kv, 1.0, False, -1, -1)
+    with pytest.raises(ValueError, match="grad_out must have query's shape"):
+        lse = torch.empty(1, 4, 8, device="meta")
+        torch.ops.lmkernels.attention_bwd(q[:, :, :3], q, k, v, q, lse, None, 1.0, False, -1, -1)
+
+
+@pytest.mark.parametrize("is_causal,window,use_lse", [(False, None, False), (True, None, True),
+                                                      (False, (5, 3), False)])
+def test_double_backward_matches_reference(is_causal, window, use_lse):
+    """Issue 9 item 2: grad of a function of the gradients (create_graph=True) returned zeros."""
+    q, k, v = make_inputs(1, 4, 2, 19, 23, 16, torch.float32)
+    kw = dict(is_causal=is_causal, window_size=window)
+    g = torch.randn(1, 4, 19, 16)
+    glse = torch.randn(1, 4, 19)
+
+    def second_order(fn, inputs):
+        out, lse = fn(*inputs)
+        loss = (out * g).sum() + ((torch.where(torch.isfinite(lse), lse, 0.0) * glse).sum() if use_lse else 0)
+        first = torch.autograd.grad(loss, inputs, create_graph=True)
+        penalty = sum((d.double() ** 2).sum() for d in first)  # a gradient penalty
+        return torch.autograd.grad(penalty, inputs)
+
+    ours = second_order(lambda *x: lmkernels.attention(*x, return_lse=True, **kw), (q, k, v))
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    truth = second_order(lambda *x: attention_reference(*x, compute_dtype=torch.float64, **kw), inputs64)
+    for name, a, b in zip(("q", "k", "v"), ours, truth):
+        assert b.abs().max() > 0.1  # a real second derivative
+        torch.testing.assert_close(a.double(), b, atol=1e-4 * b.abs().max().item(), rtol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------ op contracts
@@ -200,7 +310,7 @@ def test_opcheck_cpu_ops():
         g = torch.randn_like(out)
         bargs = (g.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                  torch.randn_like(lse), 0.25, causal, left, right)
-        torch.library.opcheck(torch.ops.lmkernels.attention_bwd, bargs)
+        torch.library.opcheck(torch.ops.lmkernels.attention_bwd, bargs, {"backend": "cpu"})
 
 
 def test_torch_compile_fullgraph():
@@ -246,27 +356,22 @@ TRITON_CASES = [
 ]
 
 
+# The launchers themselves on CPU tensors (the ops run Triton only on CUDA tensors).
+needs_interpreter = pytest.mark.skipif(ON_GPU or not triton_interpreted(),
+                                       reason="Triton launchers on CPU tensors need TRITON_INTERPRET=1")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("case", TRITON_CASES)
 def test_triton_interpreter(case, dtype):
-    if not triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     H, Hkv, T, S, D, is_causal, window = case
     run_and_compare("triton", 1, H, Hkv, T, S, D, dtype, is_causal, window)
 
 
-def test_triton_lse_gradient_and_opcheck():
-    if not triton_interpreted():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+@needs_interpreter
+def test_triton_lse_gradient():
     run_and_compare("triton", 1, 2, 1, 33, 40, 16, torch.float32, True, None, use_lse=True)
-    q, k, v = make_inputs(1, 2, 1, 17, 20, 16, torch.float32)
-    args = (q, k, v, 0.25, True, -1, -1)
-    torch.library.opcheck(torch.ops.lmkernels.attention_fwd_triton, args)
-    out, lse = torch.ops.lmkernels.attention_fwd_triton(*args)
-    # The backward is not itself differentiable (no double backward): plain tensors.
-    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-             None, 0.25, True, -1, -1)
-    torch.library.opcheck(torch.ops.lmkernels.attention_bwd_triton, bargs)
 
 
 # ------------------------------------------------------------------ GPU
@@ -287,16 +392,21 @@ def test_triton_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-def test_cpp_schema_on_cuda_runs_triton():
+def test_op_on_cuda_runs_triton():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     q, k, v = (t.detach().cuda().requires_grad_() for t in make_inputs(2, 4, 2, 200, 150, 64, torch.bfloat16))
     out, lse = torch.ops.lmkernels.attention_fwd(q, k, v, 0.125, True, -1, -1)
-    out_t, lse_t = torch.ops.lmkernels.attention_fwd_triton(q, k, v, 0.125, True, -1, -1)
+    out_t, lse_t = triton_attention.attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, True, -1, -1)
     assert torch.equal(out, out_t) and torch.equal(lse, lse_t)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    grads_t = torch.autograd.grad(out_t, (q, k, v), g)
+    grads_t = triton_attention.attention_bwd(g, q.detach(), k.detach(), v.detach(), out_t, lse_t, None,
+                                             0.125, True, -1, -1)
     for a, b in zip(grads, grads_t):
         assert torch.equal(a, b)  # deterministic: same kernels, same bits
-    torch.library.opcheck(torch.ops.lmkernels.attention_fwd, (q, k, v, 0.125, True, -1, -1))
+    for backend in ("auto", "triton"):
+        torch.library.opcheck(torch.ops.lmkernels.attention_fwd, (q, k, v, 0.125, True, -1, -1),
+                              {"backend": backend})
+    with pytest.raises(ValueError, match="no 'cuda' kernel"):
+        torch.ops.lmkernels.attention_fwd(q, k, v, 0.125, True, -1, -1, backend="cuda")

@@ -1,9 +1,12 @@
 """bucket_pack_ / bucket_unpack_ / bucket_scale_ against the float64 reference (C++ CPU kernel
 here; the CUDA kernel under -m gpu). Tolerance: the op's error against float64 may be at most
 twice that of plain PyTorch doing the same scale-and-cast in the same dtypes."""
+import re
+
 import pytest
 import torch
 
+from lmkernels.ops import bucket as bucket_op
 from lmkernels.ops.bucket import bucket_pack_, bucket_scale_, bucket_unpack_
 from lmkernels.reference.bucket import (bucket_pack_reference_, bucket_scale_reference_,
                                         bucket_unpack_reference_)
@@ -83,13 +86,85 @@ def test_scale_in_place(dtype):
         assert _err(t, r) <= 2 * _err(p, r)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_opcheck(backend):
     tensors = _inputs(torch.float32, sizes=[(3,), (17, 2), (5,)])
     flat = torch.empty(42, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.lmkernels.bucket_pack_, (tensors, flat, 0.5))
+    kw = {"backend": backend}
+    torch.library.opcheck(torch.ops.lmkernels.bucket_pack_, (tensors, flat, 0.5), kw)
     outs = [torch.empty_like(t) for t in tensors]
-    torch.library.opcheck(torch.ops.lmkernels.bucket_unpack_, (flat, outs, 2.0))
-    torch.library.opcheck(torch.ops.lmkernels.bucket_scale_, (outs, 0.25))
+    torch.library.opcheck(torch.ops.lmkernels.bucket_unpack_, (flat, outs, 2.0), kw)
+    torch.library.opcheck(torch.ops.lmkernels.bucket_scale_, (outs, 0.25), kw)
+
+
+def test_backend_argument_as_for_every_op(monkeypatch):
+    """bucket_* took no backend= and bypassed the backend rules the other ops follow."""
+    a, b = torch.randn(3), torch.randn(4)
+    flat = torch.empty(7)
+    bucket_pack_([a, b], flat, 2.0, backend="cpu")
+    assert torch.equal(flat, torch.cat([a, b]) * 2)
+    for bad, message in (("nope", "bucket_pack_: backend must be one of ('auto', 'cpu', 'cuda', 'triton'); got 'nope'"),
+                         ("cuda", "bucket_pack_: backend 'cuda' needs CUDA tensors; got CPU tensors"),
+                         ("triton", "bucket_pack_: backend 'triton' needs CUDA tensors; got CPU tensors")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bucket_pack_([a, b], flat, backend=bad)
+    with pytest.raises(ValueError, match="bucket_scale_: backend 'cuda' needs CUDA tensors"):
+        torch.ops.lmkernels.bucket_scale_([a], 2.0, backend="cuda")
+    with pytest.raises(ValueError, match="bucket_unpack_: backend must be one of"):
+        bucket_unpack_(flat, [a, b], backend="gpu")
+    monkeypatch.setenv("LMK_BACKEND", "cuda")  # a GPU preference: CPU tensors ignore it
+    bucket_scale_([flat], 0.5)
+    assert torch.equal(flat, torch.cat([a, b]))
+
+
+def test_backend_table_for_cuda_tensors(monkeypatch):
+    """CUDA tensors: the CUDA kernel when compiled, else (auto only) the same maths as torch ops;
+    there is no Triton bucket kernel."""
+    compiled = "cuda" in __import__("lmkernels").build_info()["compiled_backends"]
+    for table, fallback in ((bucket_op._PACK, bucket_op._pack_torch),
+                            (bucket_op._UNPACK, bucket_op._unpack_torch),
+                            (bucket_op._SCALE, bucket_op._scale_torch)):
+        kernel = table.kernels["cuda"]
+        assert (kernel is not None) == compiled
+        assert table.pick("auto") is (kernel if compiled else fallback)
+        with pytest.raises(ValueError, match="no 'triton' kernel for this op; on CUDA tensors use one of \\('auto', 'cuda'\\)"):
+            table.pick("triton")
+        monkeypatch.setenv("LMK_BACKEND", "triton")
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
+        with pytest.warns(UserWarning, match="LMK_BACKEND=triton has no kernel for this op"):
+            assert table.pick("auto") is (kernel if compiled else fallback)
+        monkeypatch.delenv("LMK_BACKEND")
+        if not compiled:
+            with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+                table.pick("cuda")
+
+
+@pytest.mark.parametrize("src,dst", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                     (torch.float16, torch.float64)])
+def test_torch_fallback_matches_kernel(src, dst):
+    """The table's fallback (CUDA tensors, build without CUDA kernels) computes what the kernel does."""
+    tensors = _inputs(src)
+    flat, flat_ref = (torch.empty(sum(t.numel() for t in tensors), dtype=dst) for _ in range(2))
+    bucket_op._pack_torch(tensors, flat, 1 / 3)
+    bucket_pack_(tensors, flat_ref, 1 / 3)
+    assert torch.equal(flat, flat_ref)
+    outs, outs_ref = [torch.empty_like(t) for t in tensors], [torch.empty_like(t) for t in tensors]
+    bucket_op._unpack_torch(flat, outs, 3.0)
+    assert torch.equal(flat, flat_ref)  # the old fallback scaled flat in place when dtypes matched
+    bucket_unpack_(flat, outs_ref, 3.0)
+    bucket_op._scale_torch(outs, 0.7)
+    bucket_scale_(outs_ref, 0.7)
+    assert all(torch.equal(a, b) for a, b in zip(outs, outs_ref))
+    with pytest.raises(RuntimeError, match="flat must hold exactly the tensors' 3 elements"):
+        bucket_op._pack_torch([torch.randn(3)], torch.empty(4), 1.0)
+
+
+def test_fakes_check_sizes():
+    tensors = [torch.empty(3, device="meta"), torch.empty(4, device="meta")]
+    with pytest.raises(RuntimeError, match="flat must hold exactly the tensors' 7 elements.*got 6"):
+        torch.ops.lmkernels.bucket_pack_(tensors, torch.empty(6, device="meta"))
+    with pytest.raises(RuntimeError, match="flat must hold exactly the tensors' 7 elements.*got 8"):
+        torch.ops.lmkernels.bucket_unpack_(torch.empty(8, device="meta"), tensors)
 
 
 def test_torch_compile_fullgraph():

@@ -1,4 +1,5 @@
-"""torch.ops.lmkernels.fused_adamw_ (+ the Triton op) against the float64 reference."""
+"""torch.ops.lmkernels.fused_adamw_ (C++ CPU kernel; CUDA C++ and Triton on a GPU) and the
+Triton launcher (interpreter, CPU tensors) against the float64 reference."""
 import copy
 import re
 
@@ -7,8 +8,10 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 import lmkernels
+from lmkernels.ops import adamw as adamw_op
 from lmkernels.reference.adamw import adamw_reference_
-from tests._backends import backend_params, device_for
+from lmkernels.triton import adamw as triton_adamw
+from tests._backends import backend_params, device_for, op_backend_params, uses_launcher
 
 SHAPES = [(1,), (97,), (1025,), (3, 7, 11), (0,), (20000,)]  # 20000 spans two CPU work items
 
@@ -28,11 +31,33 @@ def max_err(xs, ys):
     return max(((x.double() - y.double()).abs().max().item() for x, y in zip(xs, ys) if x.numel()), default=0.0)
 
 
+def adamw_step(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1=0.9,
+               beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+               adam_w_mode=True, max_exp_avg_sqs=(), master_params=(), inv_scale=None,
+               found_inf=None, stochastic_rounding_seed=-1, checked=False):
+    """lmkernels.fused_adamw_, or for Triton without a GPU its launcher on CPU tensors (with
+    `checked`: the op's Triton path, i.e. the C++ checks and then the launcher)."""
+    if not uses_launcher(backend):
+        lmkernels.fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            adam_w_mode=adam_w_mode, max_exp_avg_sqs=max_exp_avg_sqs, master_params=master_params,
+            inv_scale=inv_scale, found_inf=found_inf,
+            stochastic_rounding_seed=stochastic_rounding_seed, backend=backend)
+        return
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    launch = adamw_op._triton_kernel if checked else triton_adamw.fused_adamw
+    launch(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+           list(master_params), list(state_steps), 0.0 if lr_tensor is not None else lr, beta1,
+           beta2, eps, weight_decay, amsgrad, maximize, adam_w_mode, lr_tensor, inv_scale,
+           found_inf, stochastic_rounding_seed)
+
+
 def run_steps(backend, lists, n_steps, **opts):
     params, grads, m, v, vmax, steps = lists
     for _ in range(n_steps):
         torch._foreach_add_(steps, 1.0)
-        lmkernels.fused_adamw_(params, grads, m, v, steps, max_exp_avg_sqs=vmax, backend=backend, **opts)
+        adamw_step(backend, params, grads, m, v, steps, max_exp_avg_sqs=vmax, **opts)
 
 
 def torch_steps(lists, n_steps, lr, weight_decay=0.0, amsgrad=False, maximize=False, adam_w_mode=True,
@@ -115,7 +140,7 @@ def test_master_weights(backend):
     for _ in range(4):
         torch._foreach_add_(steps, 1.0)
         torch._foreach_add_(ref_steps, 1.0)
-        lmkernels.fused_adamw_(params, grads, m, v, steps, lr=1e-2, weight_decay=0.1, master_params=master, backend=backend)
+        adamw_step(backend, params, grads, m, v, steps, lr=1e-2, weight_decay=0.1, master_params=master)
         adamw_reference_(*ref, ref_steps, lr=1e-2, weight_decay=0.1)
     assert max_err(master, ref[0]) < 1e-5
     for p, w in zip(params, master):
@@ -140,9 +165,9 @@ def test_stochastic_rounding_is_unbiased(backend):
     for i in range(n_steps):
         for steps in (s, s2, s3):
             steps[0] += 1
-        lmkernels.fused_adamw_(params, grads, m, v, s, lr=lr, stochastic_rounding_seed=1000 + i, backend=backend)
-        lmkernels.fused_adamw_(exact, [g.float() for g in grads], m2, v2, s2, lr=lr, backend=backend)
-        lmkernels.fused_adamw_(nearest, grads, m3, v3, s3, lr=lr, backend=backend)
+        adamw_step(backend, params, grads, m, v, s, lr=lr, stochastic_rounding_seed=1000 + i)
+        adamw_step(backend, exact, [g.float() for g in grads], m2, v2, s2, lr=lr)
+        adamw_step(backend, nearest, grads, m3, v3, s3, lr=lr)
     assert torch.equal(nearest[0], torch.ones_like(nearest[0]))  # every update lost
     drift = 1.0 - exact[0].mean().item()  # ~ n_steps * lr
     mean = params[0].float().mean().item()
@@ -158,15 +183,15 @@ def test_grad_scaler_inputs(backend):
     scale = torch.tensor(1024.0, device=device)
     # found_inf set: nothing changes.
     torch._foreach_add_(lists[5], 1.0)
-    lmkernels.fused_adamw_(lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-2,
-                           inv_scale=1 / scale, found_inf=torch.tensor(1.0, device=device), backend=backend)
+    adamw_step(backend, lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-2,
+               inv_scale=1 / scale, found_inf=torch.tensor(1.0, device=device))
     for k in range(4):
         assert all(torch.equal(a, b) for a, b in zip(lists[k], before[k]))
     # found_inf clear: scaled grads behave as unscaled ones.
     scaled = [g * scale for g in lists[1]]
     ref = copy.deepcopy(lists)
-    lmkernels.fused_adamw_(lists[0], scaled, lists[2], lists[3], lists[5], lr=1e-2, inv_scale=1 / scale,
-                           found_inf=torch.tensor(0.0, device=device), backend=backend)
+    adamw_step(backend, lists[0], scaled, lists[2], lists[3], lists[5], lr=1e-2, inv_scale=1 / scale,
+               found_inf=torch.tensor(0.0, device=device))
     adamw_reference_(ref[0], ref[1], ref[2], ref[3], ref[5], lr=1e-2)
     assert max_err(lists[0], ref[0]) < 1e-6
 
@@ -182,16 +207,15 @@ def test_lr_tensor(backend):
     assert max_err(a[0], b[0]) == 0.0
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+@pytest.mark.parametrize("backend", op_backend_params("cpu", "triton", "cuda"))
 def test_opcheck(backend):
     device = device_for(backend)
     params, grads, m, v, vmax, steps = make_lists([(5,), (33,)], torch.float32, device, amsgrad=True)
     args = (params, grads, m, v, vmax, [], steps)
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=True,
                   maximize=False, adam_w_mode=True, lr_tensor=None, inv_scale=None, found_inf=None,
-                  stochastic_rounding_seed=-1)
-    op = torch.ops.lmkernels.fused_adamw_ if backend != "triton" else torch.ops.lmkernels.fused_adamw_triton_
-    torch.library.opcheck(op, args, kwargs)
+                  stochastic_rounding_seed=-1, backend=backend)
+    torch.library.opcheck(torch.ops.lmkernels.fused_adamw_, args, kwargs)
 
 
 def test_compiles_fullgraph():
@@ -225,7 +249,49 @@ def test_bad_input_is_named(backend, case):
     mutate, message = BAD[case]
     mutate(lists)
     with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
-        lmkernels.fused_adamw_(lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-3, backend=backend)
+        adamw_step(backend, lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-3, checked=True)
+
+
+def raw_op(backend, params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=1e-3, lr_tensor=None):
+    """torch.ops.lmkernels.fused_adamw_ itself (for Triton without a GPU: its checked path)."""
+    args = (params, grads, exp_avgs, exp_avg_sqs, [], [], state_steps)
+    hyper = (lr, 0.9, 0.999, 1e-8, 0.0, False, False, True, lr_tensor, None, None, -1)
+    if uses_launcher(backend):
+        adamw_op._triton_kernel(*args, *hyper)
+    else:
+        names = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "adam_w_mode",
+                 "lr_tensor", "inv_scale", "found_inf", "stochastic_rounding_seed")
+        torch.ops.lmkernels.fused_adamw_(*args, **dict(zip(names, hyper)), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+def test_raw_op_rejects_inputs_that_gave_nan_or_garbage(backend):
+    """Issue 9 item 5: step 0 (NaN weights), lr < 0 and a param passed as its own grad (or
+    moment) were accepted."""
+    device = device_for(backend)
+    cases = [
+        (dict(step=0.0), "state_steps[1] must be >= 1"),
+        (dict(step=float("nan")), "state_steps[1] must be >= 1"),
+        (dict(lr=-1e-3), "lr must be >= 0; got -0.001"),
+        (dict(lr=float("nan")), "lr must be >= 0"),
+        (dict(lr_tensor=-1e-3), "lr must be >= 0; got lr_tensor"),
+        (dict(alias="grads"), "grads[1] shares memory with params[1]"),
+        (dict(alias="exp_avgs"), "exp_avgs[1] shares memory with params[1]"),
+        (dict(alias="exp_avg_sqs"), "exp_avg_sqs[1] shares memory with params[1]"),
+    ]
+    for case, message in cases:
+        params, grads, m, v, _, steps = (list(x) for x in make_lists([(3,), (2, 5)], torch.float32, device))
+        before = [p.clone() for p in params]
+        if "step" in case:
+            steps[1] = torch.tensor(case["step"], device=device)
+        lists = dict(grads=grads, exp_avgs=m, exp_avg_sqs=v)
+        if "alias" in case:
+            lists[case["alias"]][1] = params[1].detach()  # another tensor, the same memory
+        lr_tensor = torch.tensor(case["lr_tensor"]) if "lr_tensor" in case else None
+        with pytest.raises(ValueError, match=re.escape(message)):
+            raw_op(backend, params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], steps,
+                   lr=case.get("lr", 1e-3), lr_tensor=lr_tensor)
+        assert all(torch.equal(a, b) for a, b in zip(params, before)), case
 
 
 def test_backend_errors():
@@ -234,6 +300,58 @@ def test_backend_errors():
         lmkernels.fused_adamw_(lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-3, backend="gpu")
     with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
         lmkernels.fused_adamw_(lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-3, backend="cuda")
+    with pytest.raises(ValueError, match=re.escape("call lmkernels.triton.adamw.fused_adamw directly")):
+        lmkernels.fused_adamw_(lists[0], lists[1], lists[2], lists[3], lists[5], lr=1e-3, backend="triton")
+
+
+@pytest.mark.parametrize("preferred", ["cuda", "triton", "cpu"])
+def test_lmk_backend_does_not_break_cpu_tensors(monkeypatch, preferred):
+    """LMK_BACKEND chooses among GPU kernels; CPU tensors have one kernel and ignore it."""
+    a = make_lists([(97,), (5, 3)], torch.float32, "cpu")
+    b = copy.deepcopy(a)
+    run_steps("auto", a, 2, lr=1e-2, weight_decay=0.1)
+    monkeypatch.setenv("LMK_BACKEND", preferred)
+    run_steps("auto", b, 2, lr=1e-2, weight_decay=0.1)
+    assert max_err(a[0], b[0]) == 0.0
+
+
+def test_backend_table_for_cuda_tensors(monkeypatch):
+    """What the op runs on CUDA tensors for each backend / LMK_BACKEND (the table is plain
+    Python, so it is checked here without a GPU)."""
+    table = adamw_op.BACKEND_TABLE
+    compiled = lmkernels.build_info()["compiled_backends"]
+    cuda_cpp = table.kernels["cuda"]
+    assert (cuda_cpp is not None) == ("cuda" in compiled)
+    assert table.pick("triton") is adamw_op._triton_kernel
+    assert table.pick("auto") is (cuda_cpp if cuda_cpp is not None else adamw_op._triton_kernel)
+    for bad, error, message in (("cpu", ValueError, "backend 'cpu' needs CPU tensors"),
+                                ("gpu", ValueError, "backend must be one of")):
+        with pytest.raises(error, match=re.escape(message)):
+            table.pick(bad)
+    monkeypatch.setenv("LMK_BACKEND", "triton")
+    assert table.pick("auto") is adamw_op._triton_kernel
+    if cuda_cpp is not None:
+        assert table.pick("cuda") is cuda_cpp  # an explicit backend= beats LMK_BACKEND
+    monkeypatch.setenv("LMK_BACKEND", "nope")
+    with pytest.raises(ValueError, match="LMK_BACKEND must be one of"):
+        table.pick("auto")
+    if cuda_cpp is None:
+        with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+            table.pick("cuda")
+        monkeypatch.setenv("LMK_BACKEND", "cuda")  # a preference this build cannot honour
+        monkeypatch.setattr(table, "_warned", set())  # it warns once per process
+        with pytest.warns(UserWarning, match="LMK_BACKEND=cuda"):
+            assert table.pick("auto") is adamw_op._triton_kernel
+
+
+def test_fake_checks_shapes():
+    """Under tracing the fake impl reports what the C++ checks would (not silently None)."""
+    params, grads, m, v, _, steps = make_lists([(7,), (64,)], torch.float32, "meta")
+    grads[1] = torch.empty(63, device="meta")
+    with pytest.raises(RuntimeError, match=re.escape("grads[1] has shape (63,) but params[1] has shape (64,)")):
+        lmkernels.fused_adamw_(params, grads, m, v, steps, lr=1e-2)
+    with pytest.raises(RuntimeError, match="exp_avgs must have one tensor per entry of params"):
+        lmkernels.fused_adamw_(params, grads[:1] * 2, m[:1], v, steps, lr=1e-2)
 
 
 def test_empty_lists_and_tensors():

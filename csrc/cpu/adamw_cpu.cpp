@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../adamw.h"
+#include "../checks.h"
 
 namespace lmk {
 namespace {
@@ -189,4 +190,14 @@ void fused_adamw_cpu(LMK_ADAMW_PARAMS) {
 }  // namespace
 }  // namespace lmk
 
-TORCH_LIBRARY_IMPL(lmkernels, CPU, m) { m.impl("fused_adamw_", &lmk::fused_adamw_cpu); }
+namespace lmk {
+namespace {
+// The op's CPU entry: the schema's trailing backend must name this kernel (checks.h).
+void fused_adamw_cpu_op(LMK_ADAMW_PARAMS, std::string_view backend) {
+  check_cpu_backend("fused_adamw_", backend, "lmkernels.triton.adamw.fused_adamw");
+  fused_adamw_cpu(LMK_ADAMW_NAMES);
+}
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY_IMPL(lmkernels, CPU, m) { m.impl("fused_adamw_", &lmk::fused_adamw_cpu_op); }

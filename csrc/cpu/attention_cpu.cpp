@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "../checks.h"
 
 namespace lmk {
 namespace {
@@ -461,7 +462,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }  // namespace
 }  // namespace lmk
 
+namespace lmk {
+namespace {
+// The ops' CPU entries: the schema's trailing backend must name this kernel (checks.h).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_op(const at::Tensor& query,
+                                                        const at::Tensor& key,
+                                                        const at::Tensor& value, double scale,
+                                                        bool is_causal, int64_t window_left,
+                                                        int64_t window_right,
+                                                        std::string_view backend) {
+  check_cpu_backend("attention_fwd", backend, "lmkernels.triton.attention.attention_fwd");
+  return attention_fwd_cpu(query, key, value, scale, is_causal, window_left, window_right);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu_op(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse, double scale, bool is_causal,
+    int64_t window_left, int64_t window_right, std::string_view backend) {
+  check_cpu_backend("attention_bwd", backend, "lmkernels.triton.attention.attention_bwd");
+  check_attention_bwd_args(grad_out, query, key, value, out, lse, grad_lse, window_left,
+                           window_right);
+  return attention_bwd_cpu(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
+                           window_left, window_right);
+}
+}  // namespace
+}  // namespace lmk
+
 TORCH_LIBRARY_IMPL(lmkernels, CPU, m) {
-  m.impl("attention_fwd", &lmk::attention_fwd_cpu);
-  m.impl("attention_bwd", &lmk::attention_bwd_cpu);
+  m.impl("attention_fwd", &lmk::attention_fwd_cpu_op);
+  m.impl("attention_bwd", &lmk::attention_bwd_cpu_op);
 }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../bucket.h"
+#include "../checks.h"
 
 namespace lmk {
 namespace {
@@ -93,8 +94,28 @@ void bucket_scale_cpu(at::TensorList tensors, double scale) {
 }  // namespace
 }  // namespace lmk
 
+namespace lmk {
+namespace {
+// The ops' CPU entries: the schema's trailing backend must name this kernel (checks.h).
+void bucket_pack_cpu_op(at::TensorList tensors, const at::Tensor& flat, double scale,
+                        std::string_view backend) {
+  check_cpu_backend("bucket_pack_", backend, nullptr);
+  bucket_pack_cpu(tensors, flat, scale);
+}
+void bucket_unpack_cpu_op(const at::Tensor& flat, at::TensorList tensors, double scale,
+                          std::string_view backend) {
+  check_cpu_backend("bucket_unpack_", backend, nullptr);
+  bucket_unpack_cpu(flat, tensors, scale);
+}
+void bucket_scale_cpu_op(at::TensorList tensors, double scale, std::string_view backend) {
+  check_cpu_backend("bucket_scale_", backend, nullptr);
+  bucket_scale_cpu(tensors, scale);
+}
+}  // namespace
+}  // namespace lmk
+
 TORCH_LIBRARY_IMPL(lmkernels, CPU, m) {
-  m.impl("bucket_pack_", &lmk::bucket_pack_cpu);
-  m.impl("bucket_unpack_", &lmk::bucket_unpack_cpu);
-  m.impl("bucket_scale_", &lmk::bucket_scale_cpu);
+  m.impl("bucket_pack_", &lmk::bucket_pack_cpu_op);
+  m.impl("bucket_unpack_", &lmk::bucket_unpack_cpu_op);
+  m.impl("bucket_scale_", &lmk::bucket_scale_cpu_op);
 }

@@ -1,10 +1,11 @@
 """attention: fused scaled-dot-product attention (FlashAttention-2 style), forward and backward.
 
-torch.ops.lmkernels.attention_fwd / attention_bwd   C++ CPU kernel (csrc/cpu/attention_cpu.cpp);
-                                                    on CUDA tensors the Triton kernels
-torch.ops.lmkernels.attention_fwd_triton / _bwd_triton  the Triton kernels on any device (CPU
-                                                    tensors under TRITON_INTERPRET=1, as tests do)
-    (lmkernels/triton/attention.py)
+torch.ops.lmkernels.attention_fwd / attention_bwd   schemas and argument checks: csrc/attention.cpp
+    CPU tensors   the C++ kernel (csrc/cpu/attention_cpu.cpp)
+    CUDA tensors  `_fwd_on_cuda` / `_bwd_on_cuda` below: the Triton launchers of
+                  lmkernels/triton/attention.py after the C++ checks (there is no CUDA C++
+                  attention kernel: backend='cuda' is an error, LMK_BACKEND=cuda runs Triton)
+How `backend=` and LMK_BACKEND choose: lmkernels/ops/_common.py.
 
 Layout of torch.nn.functional.scaled_dot_product_attention: query (B, H, T, D), key and value
 (B, Hkv, S, D) with H a multiple of Hkv (GQA/MQA without repeating K/V). With is_causal and
@@ -13,136 +14,172 @@ FlashAttention-2. window_size=(left, right) keeps keys j with i + S - T - left <
 i + S - T + right (-1: unbounded side). The forward also returns the log-sum-exp (B, H, T)
 float32, which the backward uses to recompute the probabilities tile by tile. Rows with no
 key to attend give zeros (and lse = -inf). Math: lmkernels/reference/attention.py.
+
+Autograd: attention_fwd's backward is the attention_bwd op. attention_bwd's own backward
+(double backward, e.g. a gradient penalty) differentiates the pure-PyTorch reference in
+float32: correct, but it materializes the (T, S) scores.
 """
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
 
-from lmkernels.ops._common import resolve_backend
-from lmkernels.reference.attention import attention_reference, window_bounds
-from lmkernels.triton import attention as kernels
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_HEAD_DIM = 256
+from lmkernels._extension import load_extension
+from lmkernels.ops._common import BackendTable
+from lmkernels.reference.attention import attention_reference
+from lmkernels.triton import attention as triton_attention
 
 
-def check_attention_args(query, key, value, window_size=None) -> None:
-    """Raises a ValueError/TypeError naming the bad argument (the C++ op checks the same)."""
+# ---------------------------------------------------------------- fakes (shapes for tracing)
+def _check_shapes(op, query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a Tensor; got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D); got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"attention: {name} must be float32, bfloat16 or float16; got {t.dtype}")
-        if t.layout != torch.strided:
-            raise ValueError(f"attention: {name} must be a dense (strided) tensor; got {t.layout}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"attention: {name} has dtype {t.dtype} but query has {query.dtype}")
-        if t.device != query.device:
-            raise ValueError(f"attention: {name} is on {t.device} but query is on {query.device}")
-    B, H, T, D = query.shape
-    if key.shape != value.shape:
-        raise ValueError(f"attention: key and value must have one shape; got {tuple(key.shape)} and {tuple(value.shape)}")
-    Bk, Hkv, S, Dk = key.shape
-    if Bk != B:
-        raise ValueError(f"attention: key batch {Bk} differs from query batch {B}")
-    if Dk != D:
-        raise ValueError(f"attention: key head dim {Dk} differs from query head dim {D}")
-    if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim D must be a multiple of 8 in [8, {MAX_HEAD_DIM}]; got {D}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"attention: query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
-    if B == 0 or H == 0 or T == 0 or S == 0:
-        raise ValueError(f"attention: empty input: query {tuple(query.shape)}, key {tuple(key.shape)}")
-    if window_size is not None:
-        if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
-            raise ValueError(f"attention: window_size must be (left, right) ints >= -1 (-1: unbounded); got {window_size}")
+        torch._check_value(t.dim() == 4, lambda: f"{op}: {name} must be 4-D (B, H, T, D); got shape {tuple(t.shape)}")
+        torch._check_type(t.dtype == query.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
+        torch._check_value(t.device == query.device, lambda: f"{op}: {name} is on {t.device} but query is on {query.device}")
+    for d in range(4):
+        torch._check_value(key.shape[d] == value.shape[d], lambda: (
+            f"{op}: key and value must have one shape; got {tuple(key.shape)} and {tuple(value.shape)}"))
+    torch._check_value(key.shape[0] == query.shape[0], lambda: f"{op}: key batch {key.shape[0]} differs from query batch {query.shape[0]}")
+    torch._check_value(key.shape[3] == query.shape[3], lambda: f"{op}: key head dim {key.shape[3]} differs from query head dim {query.shape[3]}")
+    torch._check_value(query.shape[1] % key.shape[1] == 0, lambda: (
+        f"{op}: query heads H={query.shape[1]} must be a multiple of key/value heads Hkv={key.shape[1]}"))
 
 
-# ---------------------------------------------------------------- the ops: fakes, CUDA, autograd
 @torch.library.register_fake("lmkernels::attention_fwd")
-def _attention_fwd_fake(query, key, value, scale, is_causal, window_left, window_right):
+def _attention_fwd_fake(query, key, value, scale, is_causal, window_left, window_right, *, backend="auto"):
+    _check_shapes("attention_fwd", query, key, value)
     B, H, T, D = query.shape
-    out = query.new_empty((B, H, T, D))
-    lse = query.new_empty((B, H, T), dtype=torch.float32)
-    return out, lse
+    return query.new_empty((B, H, T, D)), query.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.register_fake("lmkernels::attention_bwd")
 def _attention_bwd_fake(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
-                        window_left, window_right):
+                        window_left, window_right, *, backend="auto"):
+    _check_shapes("attention_bwd", query, key, value)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        torch._check_value(t.shape == query.shape, lambda: (
+            f"attention_bwd: {name} must have query's shape {tuple(query.shape)}; got {tuple(t.shape)}"))
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-# On CUDA tensors the C++ schema runs the Triton kernels.
-def _attention_fwd_triton_checked(query, key, value, scale, is_causal, window_left, window_right):
-    check_attention_args(query, key, value, (window_left, window_right))
-    return kernels.attention_fwd(query, key, value, scale, is_causal, window_left, window_right)
+# ---------------------------------------------------------------- CUDA tensors: backend table
+def _fwd_triton(query, key, value, scale, is_causal, window_left, window_right):
+    load_extension().check_attention_args(query, key, value, window_left, window_right)
+    return triton_attention.attention_fwd(query, key, value, scale, is_causal, window_left, window_right)
 
 
-def _attention_bwd_triton_checked(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal,
-                                  window_left, window_right):
-    check_attention_args(query, key, value, (window_left, window_right))
-    return kernels.attention_bwd(grad_out, query, key, value, out, lse, grad_lse, scale,
-                                 is_causal, window_left, window_right)
+def _bwd_triton(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, window_left, window_right):
+    load_extension().check_attention_bwd_args(grad_out, query, key, value, out, lse, grad_lse,
+                                              window_left, window_right)
+    return triton_attention.attention_bwd(grad_out, query, key, value, out, lse, grad_lse, scale,
+                                          is_causal, window_left, window_right)
 
 
-torch.library.impl("lmkernels::attention_fwd", "CUDA")(_attention_fwd_triton_checked)
-torch.library.impl("lmkernels::attention_bwd", "CUDA")(_attention_bwd_triton_checked)
+FWD_TABLE = BackendTable("attention_fwd", {"triton": _fwd_triton})
+BWD_TABLE = BackendTable("attention_bwd", {"triton": _bwd_triton})
 
 
-@torch.library.custom_op("lmkernels::attention_fwd_triton", mutates_args=())
-def _attention_fwd_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          scale: float, is_causal: bool, window_left: int,
-                          window_right: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _attention_fwd_triton_checked(query, key, value, scale, is_causal, window_left, window_right)
+@torch.library.impl("lmkernels::attention_fwd", "CUDA")
+def _fwd_on_cuda(query, key, value, scale, is_causal, window_left, window_right, *, backend="auto"):
+    return FWD_TABLE.pick(backend)(query, key, value, scale, is_causal, window_left, window_right)
 
 
-@torch.library.custom_op("lmkernels::attention_bwd_triton", mutates_args=())
-def _attention_bwd_triton(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                          value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          grad_lse: Optional[torch.Tensor], scale: float, is_causal: bool,
-                          window_left: int, window_right: int
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd_triton_checked(grad_out, query, key, value, out, lse, grad_lse, scale,
-                                         is_causal, window_left, window_right)
+@torch.library.impl("lmkernels::attention_bwd", "CUDA")
+def _bwd_on_cuda(grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, window_left,
+                 window_right, *, backend="auto"):
+    return BWD_TABLE.pick(backend)(grad_out, query, key, value, out, lse, grad_lse, scale,
+                                   is_causal, window_left, window_right)
 
 
-_attention_fwd_triton.register_fake(_attention_fwd_fake)
-_attention_bwd_triton.register_fake(_attention_bwd_fake)
-
-
-def _setup_context(ctx, inputs, output):
+# ---------------------------------------------------------------- autograd
+def _fwd_setup_context(ctx, inputs, keyword_only_inputs, output):
     query, key, value, scale, is_causal, window_left, window_right = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.args = (scale, is_causal, window_left, window_right)
+    ctx.backend = keyword_only_inputs.get("backend", "auto")
     ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient to read
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_out, grad_lse):
-        query, key, value, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out, query, key, value, out, lse, grad_lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
-
-    return backward
+def _fwd_backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.lmkernels.attention_bwd(grad_out, query, key, value, out, lse, grad_lse,
+                                                   *ctx.args, backend=ctx.backend)
+    return dq, dk, dv, None, None, None, None
 
 
-torch.library.register_autograd("lmkernels::attention_fwd",
-                                _make_backward(torch.ops.lmkernels.attention_bwd),
-                                setup_context=_setup_context)
-torch.library.register_autograd("lmkernels::attention_fwd_triton",
-                                _make_backward(torch.ops.lmkernels.attention_bwd_triton),
-                                setup_context=_setup_context)
+def _bwd_setup_context(ctx, inputs, keyword_only_inputs, output):
+    grad_out, query, key, value, out, lse, grad_lse, scale, is_causal, window_left, window_right = inputs
+    ctx.save_for_backward(grad_out, query, key, value, grad_lse)
+    ctx.args = (scale, is_causal, window_left, window_right)
+
+
+def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """Double backward: the vector-Jacobian product of (dq, dk, dv) = attention_bwd(...), taken
+    through the float32 reference. out and lse are recomputed there from (query, key, value),
+    so their own gradients are zero: autograd only ever passes attention_bwd the out and lse of
+    the same query, key and value, and on those the two functions agree identically, so the
+    total derivative is the same."""
+    grad_out, query, key, value, grad_lse = ctx.saved_tensors
+    scale, is_causal, window_left, window_right = ctx.args
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().float().requires_grad_()
+                  for t in (grad_out, query, key, value, grad_lse)]
+        g, q, k, v, gl = leaves
+        out, lse = attention_reference(q, k, v, is_causal=is_causal, scale=scale,
+                                       window_size=(window_left, window_right),
+                                       compute_dtype=torch.float32)
+        outputs, weights = [out], [g]
+        if gl is not None:
+            outputs.append(lse)
+            weights.append(gl)
+        first = torch.autograd.grad(outputs, (q, k, v), weights, create_graph=True)
+        cotangents = [torch.zeros_like(f) if c is None else c.float()
+                      for f, c in zip(first, (grad_dq, grad_dk, grad_dv))]
+        wrt = [t for t in leaves if t is not None]
+        second = torch.autograd.grad(first, wrt, cotangents, allow_unused=True)
+    grads = iter(second)
+    g_out, g_q, g_k, g_v, g_lse = (None if t is None else next(grads) for t in leaves)
+    cast = lambda d, like: None if d is None else d.to(like.dtype)  # noqa: E731
+    return (cast(g_out, grad_out), cast(g_q, query), cast(g_k, key), cast(g_v, value), None, None,
+            cast(g_lse, grad_lse), None, None, None, None)
+
+
+torch.library.register_autograd("lmkernels::attention_fwd", _fwd_backward,
+                                setup_context=_fwd_setup_context)
+torch.library.register_autograd("lmkernels::attention_bwd", _bwd_backward,
+                                setup_context=_bwd_setup_context)
 
 
 # ---------------------------------------------------------------- public function
+def _scale_value(scale, query) -> float:
+    if scale is None:  # 1/sqrt(D); a query of the wrong rank is reported by the op's checks
+        return 1.0 / math.sqrt(query.shape[-1]) if query.dim() == 4 and query.shape[-1] > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attention: scale must be a real number (or None for 1/sqrt(D)); "
+                        f"got {scale!r} of type {type(scale).__name__}")
+    return float(scale)
+
+
+def _window_bounds(window_size) -> Tuple[int, int]:
+    allowed = "None or a (left, right) pair of ints >= -1 (-1: unbounded side)"
+    if window_size is None:
+        return -1, -1
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"attention: window_size must be {allowed}; got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"attention: window_size must be {allowed}; got {window_size!r} "
+                            f"({side} is of type {type(w).__name__})")
+        if w < -1:
+            raise ValueError(f"attention: window_size must be {allowed}; got {window_size!r} "
+                             f"({side} = {w})")
+    return int(window_size[0]), int(window_size[1])
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -161,21 +198,20 @@ def attention(
     defaults to 1/sqrt(D). is_causal: bottom-right aligned when T != S (query i sees keys
     j <= i + S - T). window_size=(left, right): sliding window, -1 = unbounded side. Rows
     that see no key give zeros. return_lse: also return the log-sum-exp (B, H, T) float32
-    (-inf for such rows). backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton", or
-    "reference" (pure PyTorch, float32 math). Differentiable in query, key and value (and
-    through lse).
+    (-inf for such rows). backend: "auto" (C++ on CPU, Triton on CUDA), "cpu", "triton"
+    (CUDA tensors), or "reference" (pure PyTorch, float32 math). Differentiable in query,
+    key and value (and through lse), twice.
     """
-    check_attention_args(query, key, value, window_size)
-    D = query.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    left, right = window_bounds(False, window_size)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a Tensor; got {type(t).__name__}")
+    scale = _scale_value(scale, query)
+    left, right = _window_bounds(window_size)
     if backend == "reference":
+        load_extension().check_attention_args(query, key, value, left, right)
         out, lse = attention_reference(query, key, value, is_causal=is_causal, scale=scale,
-                                       window_size=window_size, compute_dtype=torch.float32)
+                                       window_size=(left, right), compute_dtype=torch.float32)
     else:
-        which = resolve_backend("attention", backend, query.device, prefer_cuda_cpp=False)
-        if which == "cuda":
-            raise ValueError("attention: there is no CUDA C++ kernel; use backend='triton' or 'auto'")
-        op = torch.ops.lmkernels.attention_fwd if which == "cpu" else torch.ops.lmkernels.attention_fwd_triton
-        out, lse = op(query, key, value, scale, bool(is_causal), left, right)
+        out, lse = torch.ops.lmkernels.attention_fwd(query, key, value, scale, bool(is_causal),
+                                                     left, right, backend=backend)
     return (out, lse) if return_lse else out
