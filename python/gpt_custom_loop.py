@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 import lmkernels  # noqa: F401
 from lmkernels.distributed.mesh import init_mesh
-from lmkernels.distributed.tensor_parallel import clip_grad_norm_, parallelize_gpt
+from lmkernels.distributed.tensor_parallel import parallelize_gpt
+from lmkernels.distributed.tp_utils import clip_grad_norm_
 from lmkernels.models import GPT, GPTConfig
 from lmkernels.optim import FusedAdamW
 from lmkernels.train.data import BatchSampler, prepare_data

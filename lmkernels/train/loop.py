@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from lmkernels.distributed import mesh as mesh_lib
 from lmkernels.distributed import tensor_parallel as tp_lib
+from lmkernels.distributed import tp_utils
 from lmkernels.models.gpt import GPT, GPTConfig
 from lmkernels.train import checkpoint as ckpt_lib
 from lmkernels.train.config import ConfigError, TrainConfig, to_dict, validate
@@ -211,7 +212,7 @@ def train(cfg: TrainConfig) -> list:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
-                     tp_layout=tp_lib.shard_layout(model))
+                     tp_layout=tp_utils.shard_layout(model))
         path = ckpt_lib.save_checkpoint(cfg.out_dir, it, state, mesh)
         say(f"checkpoint: {path}")
 
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig) -> list:
             ddp_model.finish_gradient_sync()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            tp_lib.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
+            tp_utils.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
         scaler.step(optimizer)
         scaler.update()
         # under DP the gradients are views into the all-reduce buckets: zero them in place
@@ -276,7 +277,7 @@ def train(cfg: TrainConfig) -> list:
         if plot:
             say(f"loss curve: {plot}")
     if cfg.sample_tokens > 0:
-        full = tp_lib.full_state_dict(model, mesh.tp_group)
+        full = tp_utils.full_state_dict(model, mesh.tp_group)
         if mesh.is_main:
             say("sample:\n" + sample_text(full, model_args, data.tokenizer, cfg.sample_tokens, device, cfg.seed))
     return records

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
 
     import torch  # noqa: F401  (before lmkernels._C, which links against it)
     import lmkernels  # noqa: F401
-    from lmkernels.distributed.tensor_parallel import merge_shards
+    from lmkernels.distributed.tp_utils import merge_shards
     from lmkernels.train.checkpoint import load_all_shards
     from lmkernels.train.loop import load_tokenizer, sample_text
 
