@@ -51,9 +51,7 @@ def main():
     for step in range(args.steps):
         x, y = sampler.get_batch("train", step)
         _, loss = net(x, y)
-        loss.backward()  # DP all-reduces overlap this
-        if net is not model:
-            net.finish_gradient_sync()
+        loss.backward()  # DP all-reduces overlap this; it returns with averaged gradients
         norm = clip_grad_norm_(model.parameters(), 1.0, mesh.tp_group)  # true global norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=net is model)
