@@ -483,11 +483,11 @@ def _mismatch_and_timeout():
         BucketedDataParallel(nn.Linear(4, 4), bucket_cap_mb=1 + rank)
     except ValueError as e:
         errors["options"] = (str(e), time.perf_counter() - start)
-    # A stopped peer: rank 1 runs backward 6 s late; rank 0 gives up after 1.5 s.
+    # A stopped peer: rank 1 runs backward 4 s late; rank 0 gives up after 1.5 s.
     model = BucketedDataParallel(nn.Linear(4, 4), timeout=1.5)
     loss = model(torch.ones(2, 4)).sum()
     if rank == 1:
-        time.sleep(6)
+        time.sleep(4)
     start = time.perf_counter()
     try:
         loss.backward()
@@ -562,7 +562,7 @@ def test_different_models_on_ranks_fail_fast_and_stopped_peers_time_out():
             assert "do not hold the same model" in text and seconds < 10, (rank, case, seconds, text)
             assert all(f in text for f in fragments), (rank, case, fragments, text)
     text, seconds = errors[0]["timeout"]
-    assert 1.4 < seconds < 5, seconds
+    assert 1.4 < seconds < 3.5, seconds
     for fragment in ("gradient bucket 0 of 1", "weight", "1.5 s", "rank 0 of 2"):
         assert fragment in text, (fragment, text)
 
