@@ -248,16 +248,17 @@ def _training(steps=4):
                    else cls(groups, lr=1e-2, **kwargs))
             models.append(m)
             opts.append(opt)
+        # An LR schedule reaches the bucket optimizers; a state_dict reload keeps the state.
+        schedules = [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3) for opt in opts]
         for step in range(4):
-            if step == 2:  # an LR change reaches the bucket optimizers; a reload keeps state
-                for opt in opts:
-                    opt.param_groups[0]["lr"] = 3e-3
+            if step == 2:
                 opts[1].load_state_dict(copy.deepcopy(opts[1].state_dict()))
             idx, tgt = _batch(step, 4 * world)
-            for m, opt in zip(models, opts):
+            for m, opt, schedule in zip(models, opts, schedules):
                 opt.zero_grad()
                 m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
                 opt.step()
+                schedule.step()
             for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
                 assert torch.equal(p, q), f"{cls.__name__} step {step}: overlapped != plain at {n}"
         assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
