@@ -619,6 +619,8 @@ def _nccl_world1():
         ours = BucketedDataParallel(model, bucket_cap_mb=0.004, first_bucket_cap_mb=0.001,
                                     find_unused_parameters=True, reduce_dtype=reduce_dtype)
         assert ours._reduce_op == dist.ReduceOp.AVG and ours._prescale == 1.0  # NCCL averages
+        with pytest.raises(ValueError, match="init_process_group"):
+            BucketedDataParallel(TinyGPT().cuda(), timeout=5)
         for step in range(2):  # the second on the rebuilt buckets
             ours.zero_grad()
             ours(idx, tgt).backward()
