@@ -500,7 +500,7 @@ def _mismatch_and_timeout():
     return errors
 
 
-# Two spawned runs serve all the distributed tests below (process start-up dominates).
+# The spawned runs below are shared by several tests each (process start-up dominates).
 WORLD3_CASES = ["one param per bucket", "no_sync accumulation", "bf16 on the wire"]
 
 
