@@ -9,6 +9,15 @@ Beyond torch.optim.AdamW:
 - bf16/fp16 parameters keep float32 moments; `master_weights=True` keeps float32 master
   copies and writes the rounded result to the parameters; without master weights,
   `stochastic_rounding=True` rounds bf16 parameter updates stochastically.
+
+Differences from torch.optim.AdamW: a parameter listed twice in a group is an error (torch warns,
+then steps it twice or once with a doubled count depending on the implementation); bad
+hyperparameters (NaN or inf lr/eps/weight_decay, betas that are not a pair in [0, 1), non-bool
+flags) are refused at construction, naming the argument or the param group.
+
+Each step runs a per-group plan built once (lmkernels/optim/_plan.py): replacing a state tensor
+(`opt.state[p]["exp_avg"] = ...`), a param's whole state, the group's params or amsgrad re-builds
+it before the next step, as torch.optim would use the new tensors (lmkernels/optim/_state.py).
 """
 import math
 import numbers
