@@ -100,7 +100,7 @@ void run(const AdamWArgs& a, const Hyper& h, double lr) {
   std::vector<Work> work;
   double last_step = -1.0;  // the tensors of a group usually share a step count: pow once
   for (size_t t = 0; t < n; ++t) {
-    const double step = *a.state_steps[t].const_data_ptr<float>();
+    const double step = *static_cast<const float*>(a.state_steps[t].const_data_ptr());
     if (step != last_step) {
       // Bias corrections in double from the double betas: 1 - beta2^t is a small difference,
       // and float(0.999) alone moves it by 1e-5 relative.
@@ -122,12 +122,14 @@ void run(const AdamWArgs& a, const Hyper& h, double lr) {
     for (int64_t w = w0; w < w1; ++w) {
       const Work& job = work[w];
       const size_t t = job.tensor;
-      param_t* P = a.params[t].data_ptr<param_t>();
-      const param_t* G = a.grads[t].const_data_ptr<param_t>();
-      state_t* M = a.exp_avgs[t].data_ptr<state_t>();
-      state_t* V = a.exp_avg_sqs[t].data_ptr<state_t>();
-      state_t* X = a.amsgrad ? a.max_exp_avg_sqs[t].data_ptr<state_t>() : nullptr;
-      float* W = master ? a.master_params[t].data_ptr<float>() : nullptr;
+      // Untyped data_ptr(): check_adamw_args checked the dtypes, and the typed accessor's
+      // dtype check per call is measurable for 1000s of small tensors.
+      param_t* P = static_cast<param_t*>(a.params[t].data_ptr());
+      const param_t* G = static_cast<const param_t*>(a.grads[t].const_data_ptr());
+      state_t* M = static_cast<state_t*>(a.exp_avgs[t].data_ptr());
+      state_t* V = static_cast<state_t*>(a.exp_avg_sqs[t].data_ptr());
+      state_t* X = a.amsgrad ? static_cast<state_t*>(a.max_exp_avg_sqs[t].data_ptr()) : nullptr;
+      float* W = master ? static_cast<float*>(a.master_params[t].data_ptr()) : nullptr;
       if constexpr (std::is_same_v<param_t, float> && std::is_same_v<state_t, float>) {
         // fp32 everywhere: update the storage directly, no staging.
         const int64_t b = job.begin, len = job.end - job.begin;
