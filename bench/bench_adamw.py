@@ -10,7 +10,10 @@ streaming (x.mul_) measured in the same run.
     pytest bench/bench_adamw.py --benchmark-only                        # pytest-benchmark
 """
 import argparse
+import os
 import platform
+import statistics
+import time
 
 import pytest
 import torch
@@ -62,17 +65,39 @@ def test_adamw_step(benchmark, case, impl):
     benchmark(opts[impl].step)
 
 
-def ratio_table(reps: int = 15) -> str:
-    stream = streaming_bandwidth()
+def alternate_cpu_time(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """bench._timing.alternate with this process's CPU time (time.process_time) in place of
+    wall time: on a shared, busy machine it counts the work done, not the waits for a core.
+    Use it with one thread (--threads 1), where CPU time is the time of that thread."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def ratio_table(reps: int = 15, cpu_time: bool = False) -> str:
+    timer = alternate_cpu_time if cpu_time else alternate
+    if cpu_time:
+        x = torch.ones(64 * 2**20)
+        stream = 2 * x.numel() * 4 / timer({"mul_": lambda: x.mul_(1.0000001)}, 10)["mul_"]
+        del x
+    else:
+        stream = streaming_bandwidth()
     rows = [
-        f"Streaming bandwidth (x.mul_ over 256 MB, same run): {stream / 1e9:.1f} GB/s\n",
+        f"Streaming bandwidth (x.mul_ over 256 MB, same run, same clock): {stream / 1e9:.1f} GB/s\n",
         "| case | params | tensors | lmkernels ms | GB/s (% of stream) | torch fused ms | torch foreach ms | vs fused | vs foreach |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in CASES:
         params, opts = make_optimizers(case)
         n = sum(p.numel() for p in params)
-        t = alternate({k: o.step for k, o in opts.items()}, reps if n < 50e6 else 5)
+        t = timer({k: o.step for k, o in opts.items()}, reps if n < 50e6 else 5)
         rate = 28 * n / t["lmkernels"]
         rows.append(
             f"| {case} | {n / 1e6:.2f}M | {len(params)} | {t['lmkernels'] * 1e3:.2f} | "
@@ -84,14 +109,39 @@ def ratio_table(reps: int = 15) -> str:
     return "\n".join(rows)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", help="also write the table (markdown) to this file")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with CPU time instead of wall time (for a busy shared machine; "
+                         "implies --threads 1)")
     args = ap.parse_args()
-    header = (f"# FusedAdamW one step, CPU\n\n{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
-              f"Command: `python bench/bench_adamw.py`. Ratios > 1 mean lmkernels is faster.\n\n")
-    table = header + ratio_table()
+    if args.cpu_time:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = ratio_table(cpu_time=args.cpu_time)
+    # The load average says how quiet the (shared) machine was: busy cores slow torch's
+    # per-tensor parallel regions more than our one region per step.
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = (f"# FusedAdamW one step, CPU\n\n{cpu_model()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, load average {load} (1/5/15 min) at the end of the run. "
+              f"{'CPU' if args.cpu_time else 'Wall'} time per step. Command: `python bench/bench_adamw.py"
+              f"{' --cpu-time' if args.cpu_time else ' --threads %d' % args.threads if args.threads else ''}`. "
+              f"Ratios > 1 mean lmkernels is faster.\n\n")
+    table = header + table
     print(table)
     if args.write:
         with open(args.write, "w") as f:

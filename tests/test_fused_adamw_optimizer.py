@@ -216,7 +216,7 @@ def test_bad_input_names_the_parameter():
     c[0].grad = torch.randn(2, dtype=torch.complex64)
     with pytest.raises(ValueError, match="complex"):
         FusedAdamW(c).step()
-    with pytest.raises(ValueError, match="invalid learning rate"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
         FusedAdamW(p, lr=-1.0)
     with pytest.raises(ValueError, match="stochastic_rounding"):
         FusedAdamW(p, master_weights=True, stochastic_rounding=True)
@@ -268,3 +268,219 @@ def test_state_dict_is_a_snapshot_of_step_counts():
     assert [s["step"].item() for s in sd["state"].values()] == [1.0, 1.0]
     assert [opt.state[x]["step"].item() for x in p] == [4.0, 4.0]
     assert [s["step"].item() for s in opt.state_dict()["state"].values()] == [4.0, 4.0]
+
+
+# --- issue 9: replaced state, duplicates, copies, clear errors ----------------------------------
+
+def _step_both(step, ours, theirs, o1, o2):
+    """One step of both, every param with a grad (so no change in which params step)."""
+    gen = torch.Generator().manual_seed(2000 + step)
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+    o1.step()
+    o2.step()
+
+
+def test_replaced_state_tensors_are_used_and_saved():
+    """Issue 9 item 3: a state entry (or a whole param's state) replaced between steps is what
+    the next step updates and what state_dict() saves, as in torch.optim.AdamW."""
+    ours = make_params("cpu", shapes=[(97,), (3, 7), (5,)])
+    theirs = clone_params(ours)
+    o1, o2 = FusedAdamW(ours, lr=1e-2, amsgrad=True), torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True)
+    for step in range(3):
+        _step_both(step, ours, theirs, o1, o2)
+    for opt, ps in ((o1, ours), (o2, theirs)):
+        opt.state[ps[0]]["exp_avg"] = torch.full_like(ps[0], 0.5)
+        opt.state[ps[0]]["step"] = torch.tensor(10.0)
+        opt.state[ps[1]]["exp_avg_sq"] = torch.zeros_like(ps[1])
+        opt.state[ps[1]]["max_exp_avg_sq"] = torch.zeros_like(ps[1])
+        s = opt.state[ps[2]]
+        opt.state[ps[2]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(ps[2]),
+                            "exp_avg_sq": s["exp_avg_sq"].clone(), "max_exp_avg_sq": s["max_exp_avg_sq"].clone()}
+    for step in range(3, 6):
+        _step_both(step, ours, theirs, o1, o2)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    sd1, sd2 = o1.state_dict()["state"], o2.state_dict()["state"]
+    for i in range(3):
+        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(sd1[i][key], sd2[i][key].float(), rtol=1e-5, atol=1e-7)
+    assert sd1[0]["step"].item() == 13.0
+
+
+def test_in_place_state_edits_and_pop_are_honoured():
+    ours = make_params("cpu", shapes=[(33,), (4,)])
+    theirs = clone_params(ours)
+    o1, o2 = FusedAdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    _step_both(0, ours, theirs, o1, o2)
+    for opt, ps in ((o1, ours), (o2, theirs)):
+        opt.state[ps[0]]["exp_avg"].mul_(3.0)  # in place: the same tensor
+        opt.state[ps[0]]["step"] += 1  # in place as well
+        opt.state.pop(ps[1])  # the param starts afresh
+    for step in range(1, 4):
+        _step_both(step, ours, theirs, o1, o2)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert o1.state[ours[1]]["step"].item() == 3.0
+
+
+def test_params_added_later_and_first_grads_later_are_stepped():
+    ours = make_params("cpu", shapes=[(6,), (7,), (8,)])
+    theirs = clone_params(ours)
+    o1, o2 = FusedAdamW(ours[:2], lr=1e-2), torch.optim.AdamW(theirs[:2], lr=1e-2)
+    for step in range(4):
+        set_grads(step, ours, theirs)
+        if step < 2:  # params[1] has no grad yet: it gets state only at its first grad
+            ours[1].grad = theirs[1].grad = None
+        o1.step()
+        o2.step()
+        if step == 1:
+            o1.param_groups[0]["params"].append(ours[2])
+            o2.param_groups[0]["params"].append(theirs[2])
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert [o1.state[p]["step"].item() for p in ours] == [4.0, 2.0, 1.0]  # set_grads: no grad for [2] at step 3
+
+
+def test_a_step_keeps_no_reference_to_the_grads():
+    """zero_grad(set_to_none=True) must free the grads: the step's cached plan may not hold them."""
+    import weakref
+
+    p = make_params("cpu", shapes=[(1025,), (3,)])
+    opt = FusedAdamW(p)
+    set_grads(0, p)
+    refs = [weakref.ref(x.grad) for x in p]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert all(r() is None for r in refs)
+
+
+def test_duplicate_parameters_are_refused():
+    """Issue 9 item 4: torch warns and then steps a duplicate twice (for-loop) or once with a
+    doubled step count (foreach, fused); FusedAdamW refuses it with a clear error."""
+    a, b = make_params("cpu", shapes=[(3,), (4,)])
+    with pytest.raises(ValueError, match=r"\['params'\]\[2\] is the same tensor as .*\['params'\]\[0\]"):
+        FusedAdamW([a, b, a])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] is the same tensor"):
+        FusedAdamW([{"params": [a]}, {"params": [b, b]}])
+    opt = FusedAdamW([a, b])
+    opt.param_groups[0]["params"].append(b)  # after construction: refused at the step
+    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.step()
+
+
+def _copy_by(how, opt):
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(opt))
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_optimizer_object_copies_keep_stepping_like_torch(how):
+    """Issue 9 item 10: a copied / pickled / torch.save'd optimizer steps on (today:
+    AttributeError 'stochastic_rounding'), exactly as a copied torch.optim.AdamW does."""
+    ours = make_params("cpu", shapes=[(97,), (3, 5)])
+    theirs = clone_params(ours)
+    o1 = FusedAdamW(ours, lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True)
+    o2 = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True)
+    for step in range(3):
+        _step_both(step, ours, theirs, o1, o2)
+    c1, c2 = _copy_by(how, o1), _copy_by(how, o2)
+    ours2, theirs2 = c1.param_groups[0]["params"], c2.param_groups[0]["params"]
+    assert ours2[0] is not ours[0]  # the copy has its own params, as torch's does
+    for step in range(3, 6):
+        _step_both(step, ours2, theirs2, c1, c2)
+    for p, q in zip(ours2, theirs2):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert c1.state[ours2[0]]["step"].item() == 6.0 and o1.state[ours[0]]["step"].item() == 3.0
+    _step_both(6, ours, theirs, o1, o2)  # the original is untouched by its copy's steps
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_copies_keep_fused_adamw_settings():
+    p = make_params("cpu", torch.bfloat16, shapes=[(17,)])
+    opt = FusedAdamW(p, master_weights=True)
+    set_grads(0, p)
+    opt.step()
+    c = copy.deepcopy(opt)
+    assert (c.master_weights, c.stochastic_rounding, c.backend) == (True, False, "auto")
+    set_grads(1, c.param_groups[0]["params"])
+    c.step()
+    q = c.param_groups[0]["params"][0]
+    assert torch.equal(q, c.state[q]["master_param"].to(torch.bfloat16))
+    assert FusedAdamW(make_params("cpu", torch.bfloat16, shapes=[(3,)]), stochastic_rounding=True).__reduce_ex__(2)
+
+
+BAD_ARGS = [
+    (dict(betas=(0.9,)), r"betas must be a pair \(beta1, beta2\).*got \(0\.9,\)"),
+    (dict(betas=0.9), r"betas must be a pair"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must be in \[0, 1\); got 1\.0"),
+    (dict(betas=(float("nan"), 0.9)), r"betas\[0\] must be in \[0, 1\); got nan"),
+    (dict(betas=("a", 0.9)), r"betas\[0\] must be a number; got 'a' \(str\)"),
+    (dict(lr=float("nan")), r"lr must be a finite number >= 0; got nan"),
+    (dict(lr=float("inf")), r"lr must be a finite number >= 0; got inf"),
+    (dict(lr=-1.0), r"lr must be a finite number >= 0; got -1\.0"),
+    (dict(lr="0.1"), r"lr must be a number; got '0\.1' \(str\)"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), r"lr as a tensor must hold one real number; got shape \(2,\)"),
+    (dict(eps=float("nan")), r"eps must be a finite number >= 0; got nan"),
+    (dict(eps=None), r"eps must be a number; got None"),
+    (dict(weight_decay=float("nan")), r"weight_decay must be a finite number >= 0; got nan"),
+    (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0"),
+    (dict(amsgrad="yes"), r"amsgrad must be True or False; got 'yes' \(str\)"),
+    (dict(maximize=2), r"maximize must be True or False; got 2"),
+    (dict(adam_w_mode=None), r"adam_w_mode must be True or False; got None"),
+    (dict(master_weights="no"), r"master_weights must be True or False"),
+    (dict(backend="gpu"), r"backend must be one of .*got 'gpu'"),
+    (dict(master_weights=True, stochastic_rounding=True), "stochastic_rounding is for parameters without master_weights"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ARGS, ids=[str(k) for k, _ in BAD_ARGS])
+def test_constructor_names_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FusedAdamW(make_params("cpu", shapes=[(3,)]), **kwargs)
+
+
+def test_bad_group_hyperparameters_name_the_group():
+    a, b = make_params("cpu", shapes=[(3,), (4,)])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be a finite number >= 0; got nan"):
+        FusedAdamW([{"params": [a]}, {"params": [b], "lr": float("nan")}])
+    opt = FusedAdamW([a])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['betas'\] must be a pair"):
+        opt.add_param_group({"params": [b], "betas": (0.9, 0.99, 0.999)})
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+@pytest.mark.parametrize("key", ["step", "exp_avg"])
+def test_loaded_state_missing_an_entry_names_the_parameter(key):
+    p = make_params("cpu", shapes=[(3,), (4,)])
+    t = torch.optim.AdamW(p)
+    set_grads(0, p)
+    t.step()
+    sd = t.state_dict()
+    del sd["state"][1][key]
+    opt = FusedAdamW(p)
+    with pytest.raises(ValueError, match=rf"the state of parameter \(param_groups\[0\]\['params'\]\[1\].*has no '{key}' entry"):
+        opt.load_state_dict(sd)
+
+
+def test_state_replaced_by_a_wrong_shape_names_the_parameter():
+    p = make_params("cpu", shapes=[(3,), (4,)])
+    opt = FusedAdamW(p)
+    set_grads(0, p)
+    opt.step()
+    opt.state[p[1]]["exp_avg"] = torch.zeros(5)
+    set_grads(1, p)
+    with pytest.raises(ValueError, match=r"state\['exp_avg'\] of parameter \(param_groups\[0\]\['params'\]\[1\].*shape \(4,\); got shape \(5,\)"):
+        opt.step()
