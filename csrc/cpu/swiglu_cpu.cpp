@@ -59,6 +59,21 @@ void for_each_chunk(int64_t rows, int64_t I, const Fn& fn) {
   });
 }
 
+// fp32 view of n elements: the data itself for float, else converted into buf.
+template <typename T>
+const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return src;
+  load_float(src, buf, n);
+  return buf;
+}
+
+// Where to compute an output chunk: straight into dst for float, else into buf (then stored).
+template <typename T>
+float* out_float(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) return dst;
+  return buf;
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
   const int64_t rows = gate.size(0), I = gate.size(1);
@@ -67,11 +82,12 @@ void forward_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor& ou
   const T* U = up.const_data_ptr<T>();
   T* O = out.data_ptr<T>();
   for_each_chunk(rows, I, [&](int64_t r, int64_t c0, int64_t n) {
-    alignas(64) float g[kChunk], u[kChunk];
-    load_float(G + r * sg + c0, g, n);
-    load_float(U + r * su + c0, u, n);
-    at::vec::map2([](Vec gv, Vec uv) { return gv / (Vec(1.f) + gv.neg().exp()) * uv; }, g, g, u, n);
-    store_float(g, O + r * I + c0, n);
+    alignas(64) float gb[kChunk], ub[kChunk];
+    const float* g = as_float(G + r * sg + c0, gb, n);
+    const float* u = as_float(U + r * su + c0, ub, n);
+    float* o = out_float(O + r * I + c0, gb);
+    at::vec::map2([](Vec gv, Vec uv) { return gv / (Vec(1.f) + gv.neg().exp()) * uv; }, o, g, u, n);
+    if constexpr (!std::is_same_v<T, float>) store_float(o, O + r * I + c0, n);
   });
 }
 
@@ -86,25 +102,28 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& gate, const at::T
   T* DG = dgate.data_ptr<T>();
   T* DU = dup.data_ptr<T>();
   for_each_chunk(rows, I, [&](int64_t r, int64_t c0, int64_t n) {
-    alignas(64) float d[kChunk], g[kChunk], u[kChunk];
-    load_float(D + r * sd + c0, d, n);
-    load_float(G + r * sg + c0, g, n);
-    load_float(U + r * su + c0, u, n);
+    alignas(64) float db[kChunk], gb[kChunk], ub[kChunk], dgb[kChunk], dub[kChunk];
+    const float* d = as_float(D + r * sd + c0, db, n);
+    const float* g = as_float(G + r * sg + c0, gb, n);
+    const float* u = as_float(U + r * su + c0, ub, n);
+    float* dg = out_float(DG + r * I + c0, dgb);
+    float* du = out_float(DU + r * I + c0, dub);
     int64_t c = 0;
     for (; c + Vec::size() <= n; c += Vec::size()) {
       const Vec dv = Vec::loadu(d + c), gv = Vec::loadu(g + c), uv = Vec::loadu(u + c);
       const Vec s = sigmoid(gv);
-      (dv * uv * s * (Vec(1.f) + gv * (Vec(1.f) - s))).store(g + c);
-      (dv * (gv * s)).store(u + c);
+      (dv * uv * s * (Vec(1.f) + gv * (Vec(1.f) - s))).store(dg + c);
+      (dv * (gv * s)).store(du + c);
     }
     for (; c < n; ++c) {
       const float s = 1.f / (1.f + std::exp(-g[c]));
-      const float dg = d[c] * u[c] * s * (1.f + g[c] * (1.f - s));
-      u[c] = d[c] * (g[c] * s);
-      g[c] = dg;
+      dg[c] = d[c] * u[c] * s * (1.f + g[c] * (1.f - s));
+      du[c] = d[c] * (g[c] * s);
     }
-    store_float(g, DG + r * I + c0, n);
-    store_float(u, DU + r * I + c0, n);
+    if constexpr (!std::is_same_v<T, float>) {
+      store_float(dg, DG + r * I + c0, n);
+      store_float(du, DU + r * I + c0, n);
+    }
   });
 }
 

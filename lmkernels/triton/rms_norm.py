@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from lmkernels.triton._common import cast_for_store, tl_dtype, triton_interpreted
+from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
 
 MAX_HIDDEN = 65536  # one row lives in registers: 64 Ki fp32 over 16 warps is 128 per thread
 
@@ -78,13 +79,36 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return v if v.stride(1) == 1 else v.contiguous()
 
 
-def _block_and_warps(H: int):
+def _block_and_warps(H: int, backward: bool = False):
     if H > MAX_HIDDEN:
         raise ValueError(f"rms_norm (Triton): hidden size H must be <= {MAX_HIDDEN}; got {H}")
     block = triton.next_power_of_2(H)
     # A warp loads 512 B per 16-byte-vector instruction: aim at <= 8 vectors per thread.
     warps = 1 if block <= 512 else 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return block, warps
+    # The backward keeps ~6 row arrays live (w, dweight, its chunk sum, n, g, dn): with the
+    # forward's warps it spilled (sm_90: 8 B at H = 1000 bf16, 24 B at H = 8192 fp32, 230-255
+    # registers); twice the warps halves the elements per thread.
+    return block, min(32, 2 * warps) if backward else warps
+
+
+def _fwd_launch(x2, r2, weight, out, s, rstd, eps, has_residual) -> Launch:
+    """The forward's kernel call (shared by the launcher and compile_specs)."""
+    H = x2.size(1)
+    block, warps = _block_and_warps(H)
+    return Launch(rms_norm_fwd_kernel,
+                  (x2, r2, weight, out, s, rstd, x2.stride(0), r2.stride(0), H, float(eps)),
+                  dict(HAS_RESIDUAL=has_residual, X_DTYPE=tl_dtype(x2.dtype),
+                       OUT_DTYPE=tl_dtype(weight.dtype), BLOCK_H=block, num_warps=warps))
+
+
+def _bwd_launch(g2, x2, weight, rstd, gs2, dx, partial, rows, per_program, has_grad_sum) -> Launch:
+    H = x2.size(1)
+    block, warps = _block_and_warps(H, backward=True)
+    return Launch(rms_norm_bwd_kernel,
+                  (g2, x2, weight, rstd, gs2, dx, partial, g2.stride(0), x2.stride(0), gs2.stride(0),
+                   rows, H, per_program),
+                  dict(HAS_GRAD_SUM=has_grad_sum, CHUNK_ROWS=32, X_DTYPE=tl_dtype(x2.dtype),
+                       BLOCK_H=block, num_warps=warps))
 
 
 def rms_norm_fwd(x, weight, eps, residual=None):
@@ -97,11 +121,7 @@ def rms_norm_fwd(x, weight, eps, residual=None):
     s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if rows > 0:
-        block, warps = _block_and_warps(H)
-        rms_norm_fwd_kernel[(rows,)](
-            x2, r2, weight.contiguous(), out, s, rstd, x2.stride(0), r2.stride(0), H, float(eps),
-            HAS_RESIDUAL=residual is not None, X_DTYPE=tl_dtype(x.dtype),
-            OUT_DTYPE=tl_dtype(weight.dtype), BLOCK_H=block, num_warps=warps)
+        _fwd_launch(x2, r2, weight.contiguous(), out, s, rstd, eps, residual is not None).run((rows,))
     return (out, s, rstd) if residual is not None else (out, rstd)
 
 
@@ -120,13 +140,36 @@ def rms_norm_bwd(grad_out, x, weight, rstd, grad_sum=None):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    block, warps = _block_and_warps(H)
+    _block_and_warps(H)  # the size check, before any allocation
     programs = _programs(rows, x.device)
     per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, per_program)
     partial = torch.empty((programs, H), dtype=torch.float32, device=x.device)
-    rms_norm_bwd_kernel[(programs,)](
-        g2, x2, weight.contiguous(), rstd.contiguous(), gs2, dx, partial, g2.stride(0),
-        x2.stride(0), gs2.stride(0), rows, H, per_program, HAS_GRAD_SUM=grad_sum is not None, CHUNK_ROWS=32,
-        X_DTYPE=tl_dtype(x.dtype), BLOCK_H=block, num_warps=warps)
+    _bwd_launch(g2, x2, weight.contiguous(), rstd.contiguous(), gs2, dx, partial, rows, per_program,
+                grad_sum is not None).run((programs,))
     return dx, partial.sum(0).to(weight.dtype)
+
+
+def compile_specs():
+    """Every specialization the launchers make at Llama sizes (H = 4096, 8192; an unaligned
+    H = 1000), for lmkernels.gpu_compile_check."""
+    f32 = torch.float32
+    for x_dtype, w_dtype in ((f32, f32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, f32),
+                             (torch.float16, torch.float16)):
+        low = x_dtype != f32
+        name = f"{str(x_dtype)[6:]}/w {str(w_dtype)[6:]}"
+        for H in (1000, 4096, 8192):
+            rows = 4096
+            x = ArgTensor(x_dtype, shape=(rows, H))
+            out = ArgTensor(w_dtype, shape=(rows, H))
+            w = ArgTensor(w_dtype, shape=(H,))
+            stat = ArgTensor(f32, shape=(rows,))
+            aligned = H % 16 == 0
+            for res in (False, True):
+                yield CompileSpec(f"rms_norm_fwd {name} H={H}{' +residual' if res else ''}",
+                                  _fwd_launch(x, x, w, out, x, stat, 1e-6, res),
+                                  no_spills=low, vector_loads=aligned)
+                yield CompileSpec(f"rms_norm_bwd {name} H={H}{' +grad_sum' if res else ''}",
+                                  _bwd_launch(out, x, w, stat, x, x, ArgTensor(f32, shape=(528, H)),
+                                              rows, 8, res),
+                                  no_spills=low, vector_loads=aligned)

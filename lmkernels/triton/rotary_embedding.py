@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from lmkernels.triton._common import cast_for_store, tl_dtype
+from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
 
 
 @triton.jit
@@ -54,6 +55,19 @@ def rotary_embedding_kernel(X, COS, SIN, OUT, stride_xb, stride_xh, stride_xt, s
     tl.store(o_row + i2[None, :], cast_for_store(o2, OUT_DTYPE), mask=mask)
 
 
+def _launch(x, cos, sin, out, B, NH, T, D, per_batch, interleaved, inverse):
+    """(Launch, grid) of one tensor's rotation (shared by the launcher and compile_specs)."""
+    block_half = triton.next_power_of_2(D // 2)
+    # ~2K elements per program: enough loads in flight, few registers (checked by the gate).
+    block_heads = min(triton.next_power_of_2(NH), max(1, 2048 // (2 * block_half)))
+    launch = Launch(rotary_embedding_kernel,
+                    (x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), T * D if per_batch else 0,
+                     NH, T, D // 2),
+                    dict(INTERLEAVED=interleaved, INVERSE=inverse, OUT_DTYPE=tl_dtype(x.dtype),
+                         BLOCK_HEADS=block_heads, BLOCK_HALF=block_half, num_warps=4))
+    return launch, (B * T, triton.cdiv(NH, block_heads))
+
+
 def _rotate(x, cos, sin, interleaved, inverse):
     B, NH, T, D = x.shape
     if x.stride(-1) != 1:
@@ -61,14 +75,8 @@ def _rotate(x, cos, sin, interleaved, inverse):
     out = torch.empty((B, NH, T, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_half = triton.next_power_of_2(D // 2)
-    # ~2K elements per program: enough loads in flight, few registers (checked by the gate).
-    block_heads = min(triton.next_power_of_2(NH), max(1, 2048 // (2 * block_half)))
-    grid = (B * T, triton.cdiv(NH, block_heads))
-    rotary_embedding_kernel[grid](
-        x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), 0 if cos.shape[0] == 1 else T * D,
-        NH, T, D // 2, INTERLEAVED=interleaved, INVERSE=inverse, OUT_DTYPE=tl_dtype(x.dtype),
-        BLOCK_HEADS=block_heads, BLOCK_HALF=block_half, num_warps=4)
+    launch, grid = _launch(x, cos, sin, out, B, NH, T, D, cos.shape[0] > 1, interleaved, inverse)
+    launch.run(grid)
     return out
 
 
@@ -76,3 +84,26 @@ def rotary_embedding(q, k, cos, sin, interleaved, inverse):
     """-> (q_rot, k_rot), contiguous. Arguments checked by the caller."""
     cos, sin = cos.contiguous(), sin.contiguous()
     return _rotate(q, cos, sin, interleaved, inverse), _rotate(k, cos, sin, interleaved, inverse)
+
+
+def compile_specs():
+    """The launcher's specializations at Llama head dims (64, 128; 80 unaligned halves), HF's
+    transposed q layout, for lmkernels.gpu_compile_check."""
+    B, NH, T = 4, 32, 2048
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for D in (64, 80, 128):
+            # HF q: a (B, T, NH, D) projection transposed to (B, NH, T, D).
+            x = ArgTensor(dtype, shape=(B, NH, T, D), strides=(T * NH * D, D, NH * D, 1))
+            out = ArgTensor(dtype, shape=(B, NH, T, D))
+            table = ArgTensor(torch.float32, shape=(B, T, D))
+            for interleaved in (False, True):
+                for inverse in (False, True):
+                    launch, _ = _launch(x, table, table, out, B, NH, T, D, True, interleaved, inverse)
+                    yield CompileSpec(
+                        f"rotary_embedding {str(dtype)[6:]} D={D}{' interleaved' if interleaved else ''}"
+                        f"{' inverse' if inverse else ''}", launch,
+                        no_spills=dtype != torch.float32,
+                        # interleaved pairs are loaded every other element, and the second
+                        # half starts 16-byte aligned only where Triton sees D/2 divisible by
+                        # 16 (D = 80: no 16-byte loads, checked here as "compiles, no spills")
+                        vector_loads=not interleaved and (D // 2) % 16 == 0)

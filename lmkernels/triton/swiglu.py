@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from lmkernels.triton._common import cast_for_store, tl_dtype
+from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
 
 BLOCK = 1024  # 4 warps x 32 lanes x 8 elements: two 16-byte fp32 (one bf16) loads per lane
 
@@ -48,6 +49,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return v if v.stride(1) == 1 else v.contiguous()
 
 
+def _fwd_launch(g, u, out) -> Launch:
+    """The forward's kernel call (shared by the launcher and compile_specs)."""
+    return Launch(swiglu_fwd_kernel, (g, u, out, g.stride(0), u.stride(0), g.size(1)),
+                  dict(DTYPE=tl_dtype(g.dtype), BLOCK=BLOCK, num_warps=4))
+
+
+def _bwd_launch(d, g, u, dgate, dup) -> Launch:
+    return Launch(swiglu_bwd_kernel, (d, g, u, dgate, dup, d.stride(0), g.stride(0), u.stride(0), g.size(1)),
+                  dict(DTYPE=tl_dtype(g.dtype), BLOCK=BLOCK, num_warps=4))
+
+
 def swiglu_fwd(gate, up):
     """-> silu(gate) * up, contiguous. Arguments checked by the caller."""
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -55,8 +67,7 @@ def swiglu_fwd(gate, up):
         return out
     g, u = _rows(gate), _rows(up)
     rows, I = g.shape
-    swiglu_fwd_kernel[(rows, triton.cdiv(I, BLOCK))](
-        g, u, out, g.stride(0), u.stride(0), I, DTYPE=tl_dtype(gate.dtype), BLOCK=BLOCK, num_warps=4)
+    _fwd_launch(g, u, out).run((rows, triton.cdiv(I, BLOCK)))
     return out
 
 
@@ -68,7 +79,19 @@ def swiglu_bwd(grad_out, gate, up):
         return dgate, dup
     d, g, u = _rows(grad_out), _rows(gate), _rows(up)
     rows, I = g.shape
-    swiglu_bwd_kernel[(rows, triton.cdiv(I, BLOCK))](
-        d, g, u, dgate, dup, d.stride(0), g.stride(0), u.stride(0), I,
-        DTYPE=tl_dtype(gate.dtype), BLOCK=BLOCK, num_warps=4)
+    _bwd_launch(d, g, u, dgate, dup).run((rows, triton.cdiv(I, BLOCK)))
     return dgate, dup
+
+
+def compile_specs():
+    """The launchers' specializations: gate/up chunked from a fused (rows, 2I) projection (Llama-3
+    8B: I = 14336), for lmkernels.gpu_compile_check."""
+    rows, I = 4096, 14336
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        half = ArgTensor(dtype, shape=(rows, I), strides=(2 * I, 1))
+        out = ArgTensor(dtype, shape=(rows, I))
+        low = dtype != torch.float32
+        yield CompileSpec(f"swiglu_fwd {str(dtype)[6:]}", _fwd_launch(half, half, out),
+                          no_spills=low, vector_loads=True)
+        yield CompileSpec(f"swiglu_bwd {str(dtype)[6:]}", _bwd_launch(out, half, half, out, out),
+                          no_spills=low, vector_loads=True)
