@@ -245,3 +245,17 @@ def test_bad_arguments_under_tracing():
     with torch._subclasses.FakeTensorMode():
         with pytest.raises(ValueError, match=r"weight must be 1-D of size H=8"):
             torch.ops.lmkernels.rms_norm_fwd(torch.randn(3, 8), torch.randn(7), EPS)
+
+
+@pytest.mark.parametrize("dtype,wdtype", ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)))
+def test_matches_transformers_llama_rms_norm(dtype, wdtype):
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    norm = llama.LlamaRMSNorm(200, eps=1e-5).to(wdtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(200))
+    x = torch.randn(97, 200).to(dtype)
+    ours = lmkernels.rms_norm(x, norm.weight.detach(), eps=1e-5)
+    hf = norm(x).detach()
+    assert ours.dtype == hf.dtype
+    torch.testing.assert_close(ours, hf, rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -165,3 +165,20 @@ def test_torch_compile_fullgraph():
 def test_bad_arguments_raise_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_transformers_apply_rotary_pos_emb(dtype):
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    B, H, Hkv, T, D = 2, 4, 2, 19, 64
+    q = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D).to(dtype).transpose(1, 2)
+    cos, sin = cos_sin(B, T, D, offset=7, dtype=dtype)  # HF casts its tables to q's dtype
+    hq, hk = llama.apply_rotary_pos_emb(q, k, cos, sin)
+    oq, ok = lmkernels.rotary_embedding(q, k, cos, sin)
+    tq, tk = rotary_embedding_reference(q, k, cos, sin, compute_dtype=torch.float64)
+    assert_within_eager_error("q_rot", oq, hq, tq, dtype)
+    assert_within_eager_error("k_rot", ok, hk, tk, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(oq, hq)
+        torch.testing.assert_close(ok, hk)
