@@ -259,3 +259,16 @@ def test_matches_transformers_llama_rms_norm(dtype, wdtype):
     hf = norm(x).detach()
     assert ours.dtype == hf.dtype
     torch.testing.assert_close(ours, hf, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("module", ("rms_norm", "swiglu", "rotary_embedding"))
+def test_cuda_backend_choice(module):
+    # CUDA tensors run the Triton kernel: 'auto'/'triton' pass, anything else is a clear error.
+    import sys
+
+    check = sys.modules[f"lmkernels.ops.{module}"]._cuda_backend
+    check(module, "auto")
+    check(module, "triton")
+    for bad in ("cuda", "cpu", "fast"):
+        with pytest.raises(ValueError, match=f"backend must be 'auto' or 'triton'.*got '{bad}'"):
+            check(module, bad)

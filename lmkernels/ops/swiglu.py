@@ -8,7 +8,6 @@ inputs is saved). Math: lmkernels/reference/swiglu.py.
 """
 import torch
 
-from lmkernels.ops._common import resolve_backend
 from lmkernels.triton import swiglu as triton_swiglu
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,9 +39,12 @@ def _swiglu_bwd_fake(grad_out, gate, up, *, backend="auto"):
 
 
 def _cuda_backend(op: str, backend: str) -> None:
-    """Only the Triton kernel runs on CUDA tensors (resolve_backend raises for 'cpu')."""
-    if resolve_backend(op, backend, torch.device("cuda"), prefer_cuda_cpp=False) != "triton":
-        raise ValueError(f"{op}: there is no CUDA C++ kernel; use backend='triton' or 'auto'")
+    """CUDA tensors run the Triton kernel: there is no CUDA C++ kernel for this op. (Kept free of
+    lmkernels.ops._common, whose backend helpers are being reworked; with a BackendTable this is
+    BackendTable(op, {"triton": launcher}).pick(backend).)"""
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"{op}: on CUDA tensors backend must be 'auto' or 'triton' (there is no "
+                         f"CUDA C++ kernel for this op); got {backend!r}")
 
 
 @torch.library.impl("lmkernels::swiglu_fwd", "CUDA")
