@@ -152,6 +152,10 @@ def test_public_functions_autograd_reach_every_input():
         torch.testing.assert_close(a.grad, b.grad)
     y = lmkernels.rms_norm(x, w, eps=1e-5)
     torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-5))
+    # Only the sum used: its gradient passes straight through; weight gets none.
+    x.grad = w.grad = None
+    lmkernels.add_rms_norm(x, r, w)[1].sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("kind", kernels())

@@ -106,6 +106,10 @@ def test_public_function_hf_layouts_and_autograd():
     e = grads(proj_q.view(B, T, H, D).transpose(1, 2), k, cos[:1], sin[:1], False, gq, gk)
     torch.testing.assert_close(proj_q.grad, e[0].transpose(1, 2).reshape(B, T, H * D))
     torch.testing.assert_close(k.grad, e[1])
+    # Only q_rot used: k gets a zero gradient.
+    k.grad = None
+    lmkernels.rotary_embedding(q, k, cos, sin)[0].sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
 
 
 @pytest.mark.parametrize("kind", kernels())
