@@ -265,14 +265,18 @@ def test_matches_transformers_llama_rms_norm(dtype, wdtype):
     torch.testing.assert_close(ours, hf, rtol=4 * torch.finfo(dtype).eps, atol=0)
 
 
-@pytest.mark.parametrize("module", ("rms_norm", "swiglu", "rotary_embedding"))
-def test_cuda_backend_choice(module):
-    # CUDA tensors run the Triton kernel: 'auto'/'triton' pass, anything else is a clear error.
+@pytest.mark.parametrize("table", ("rms_norm.FWD_TABLE", "rms_norm.ADD_FWD_TABLE", "rms_norm.BWD_TABLE",
+                                   "swiglu.FWD_TABLE", "swiglu.BWD_TABLE", "rotary_embedding.TABLE"))
+def test_cuda_backend_choice(table):
+    # CUDA tensors run the Triton kernel: 'auto'/'triton' pick it, anything else is a clear error.
     import sys
 
-    check = sys.modules[f"lmkernels.ops.{module}"]._cuda_backend
-    check(module, "auto")
-    check(module, "triton")
-    for bad in ("cuda", "cpu", "fast"):
-        with pytest.raises(ValueError, match=f"backend must be 'auto' or 'triton'.*got '{bad}'"):
-            check(module, bad)
+    module, name = table.split(".")
+    table = getattr(sys.modules[f"lmkernels.ops.{module}"], name)
+    assert table.pick("auto") is table.pick("triton") is table.kernels["triton"]
+    with pytest.raises(ValueError, match="no 'cuda' kernel for this op"):
+        table.pick("cuda")
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors"):
+        table.pick("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        table.pick("fast")

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from lmkernels.ops._common import BackendTable
 from lmkernels.triton import rms_norm as triton_rms_norm
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,34 +74,40 @@ def _rms_norm_bwd_fake(grad_out, x, weight, rstd, grad_sum, *, backend="auto"):
 
 
 # ---------------------------------------------------------------- CUDA tensors: Triton
-def _cuda_backend(op: str, backend: str) -> None:
-    """CUDA tensors run the Triton kernel: there is no CUDA C++ kernel for this op. (Kept free of
-    lmkernels.ops._common, whose backend helpers are being reworked; with a BackendTable this is
-    BackendTable(op, {"triton": launcher}).pick(backend).)"""
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"{op}: on CUDA tensors backend must be 'auto' or 'triton' (there is no "
-                         f"CUDA C++ kernel for this op); got {backend!r}")
-
-
-@torch.library.impl("lmkernels::rms_norm_fwd", "CUDA")
-def _rms_norm_fwd_cuda(x, weight, eps, *, backend="auto"):
-    _cuda_backend("rms_norm_fwd", backend)
+# CUDA tensors: the backend tables (no CUDA C++ kernel for these ops: Triton only).
+def _fwd_triton(x, weight, eps):
     _check_args("rms_norm_fwd", x, None, weight, eps)
     return triton_rms_norm.rms_norm_fwd(x, weight, eps)
 
 
-@torch.library.impl("lmkernels::add_rms_norm_fwd", "CUDA")
-def _add_rms_norm_fwd_cuda(x, residual, weight, eps, *, backend="auto"):
-    _cuda_backend("add_rms_norm_fwd", backend)
+def _add_fwd_triton(x, residual, weight, eps):
     _check_args("add_rms_norm_fwd", x, residual, weight, eps)
     return triton_rms_norm.rms_norm_fwd(x, weight, eps, residual=residual)
 
 
-@torch.library.impl("lmkernels::rms_norm_bwd", "CUDA")
-def _rms_norm_bwd_cuda(grad_out, x, weight, rstd, grad_sum, *, backend="auto"):
-    _cuda_backend("rms_norm_bwd", backend)
+def _bwd_triton(grad_out, x, weight, rstd, grad_sum):
     _check_bwd_args(grad_out, x, weight, rstd, grad_sum)
     return triton_rms_norm.rms_norm_bwd(grad_out, x, weight, rstd, grad_sum)
+
+
+FWD_TABLE = BackendTable("rms_norm_fwd", {"triton": _fwd_triton})
+ADD_FWD_TABLE = BackendTable("add_rms_norm_fwd", {"triton": _add_fwd_triton})
+BWD_TABLE = BackendTable("rms_norm_bwd", {"triton": _bwd_triton})
+
+
+@torch.library.impl("lmkernels::rms_norm_fwd", "CUDA")
+def _rms_norm_fwd_cuda(x, weight, eps, *, backend="auto"):
+    return FWD_TABLE.pick(backend)(x, weight, eps)
+
+
+@torch.library.impl("lmkernels::add_rms_norm_fwd", "CUDA")
+def _add_rms_norm_fwd_cuda(x, residual, weight, eps, *, backend="auto"):
+    return ADD_FWD_TABLE.pick(backend)(x, residual, weight, eps)
+
+
+@torch.library.impl("lmkernels::rms_norm_bwd", "CUDA")
+def _rms_norm_bwd_cuda(grad_out, x, weight, rstd, grad_sum, *, backend="auto"):
+    return BWD_TABLE.pick(backend)(grad_out, x, weight, rstd, grad_sum)
 
 
 # ---------------------------------------------------------------- autograd

@@ -11,6 +11,7 @@ from typing import Tuple
 
 import torch
 
+from lmkernels.ops._common import BackendTable
 from lmkernels.triton import rotary_embedding as triton_rotary
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,20 +45,18 @@ def _rotary_embedding_fake(q, k, cos, sin, interleaved, inverse, *, backend="aut
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def _cuda_backend(op: str, backend: str) -> None:
-    """CUDA tensors run the Triton kernel: there is no CUDA C++ kernel for this op. (Kept free of
-    lmkernels.ops._common, whose backend helpers are being reworked; with a BackendTable this is
-    BackendTable(op, {"triton": launcher}).pick(backend).)"""
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"{op}: on CUDA tensors backend must be 'auto' or 'triton' (there is no "
-                         f"CUDA C++ kernel for this op); got {backend!r}")
+# CUDA tensors: the backend table (no CUDA C++ kernel for this op: Triton only).
+def _rotary_triton(q, k, cos, sin, interleaved, inverse):
+    _check_args(q, k, cos, sin)
+    return triton_rotary.rotary_embedding(q, k, cos, sin, interleaved, inverse)
+
+
+TABLE = BackendTable("rotary_embedding", {"triton": _rotary_triton})
 
 
 @torch.library.impl("lmkernels::rotary_embedding", "CUDA")
 def _rotary_embedding_cuda(q, k, cos, sin, interleaved, inverse, *, backend="auto"):
-    _cuda_backend("rotary_embedding", backend)
-    _check_args(q, k, cos, sin)
-    return triton_rotary.rotary_embedding(q, k, cos, sin, interleaved, inverse)
+    return TABLE.pick(backend)(q, k, cos, sin, interleaved, inverse)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):

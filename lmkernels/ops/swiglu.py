@@ -8,6 +8,7 @@ inputs is saved). Math: lmkernels/reference/swiglu.py.
 """
 import torch
 
+from lmkernels.ops._common import BackendTable
 from lmkernels.triton import swiglu as triton_swiglu
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,27 +39,29 @@ def _swiglu_bwd_fake(grad_out, gate, up, *, backend="auto"):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
-def _cuda_backend(op: str, backend: str) -> None:
-    """CUDA tensors run the Triton kernel: there is no CUDA C++ kernel for this op. (Kept free of
-    lmkernels.ops._common, whose backend helpers are being reworked; with a BackendTable this is
-    BackendTable(op, {"triton": launcher}).pick(backend).)"""
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"{op}: on CUDA tensors backend must be 'auto' or 'triton' (there is no "
-                         f"CUDA C++ kernel for this op); got {backend!r}")
-
-
-@torch.library.impl("lmkernels::swiglu_fwd", "CUDA")
-def _swiglu_fwd_cuda(gate, up, *, backend="auto"):
-    _cuda_backend("swiglu_fwd", backend)
+# CUDA tensors: the backend tables (no CUDA C++ kernel for this op: Triton only).
+def _fwd_triton(gate, up):
     _check_args("swiglu_fwd", gate, up)
     return triton_swiglu.swiglu_fwd(gate, up)
 
 
-@torch.library.impl("lmkernels::swiglu_bwd", "CUDA")
-def _swiglu_bwd_cuda(grad_out, gate, up, *, backend="auto"):
-    _cuda_backend("swiglu_bwd", backend)
+def _bwd_triton(grad_out, gate, up):
     _check_args("swiglu_bwd", gate, up, grad_out)
     return triton_swiglu.swiglu_bwd(grad_out, gate, up)
+
+
+FWD_TABLE = BackendTable("swiglu_fwd", {"triton": _fwd_triton})
+BWD_TABLE = BackendTable("swiglu_bwd", {"triton": _bwd_triton})
+
+
+@torch.library.impl("lmkernels::swiglu_fwd", "CUDA")
+def _swiglu_fwd_cuda(gate, up, *, backend="auto"):
+    return FWD_TABLE.pick(backend)(gate, up)
+
+
+@torch.library.impl("lmkernels::swiglu_bwd", "CUDA")
+def _swiglu_bwd_cuda(grad_out, gate, up, *, backend="auto"):
+    return BWD_TABLE.pick(backend)(grad_out, gate, up)
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
