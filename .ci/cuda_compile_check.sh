@@ -31,10 +31,11 @@ if ! NVCC_APPEND_FLAGS="-Xptxas -v" LMK_CUDA=1 TORCH_CUDA_ARCH_LIST="$TORCH_CUDA
   exit 1
 fi
 so=$(find "$SCRATCH/lib" -name '_C*.so')
-nm -D --defined-only "$so" > "$SCRATCH/symbols"
+# Demangled into a file first: `c++filt | grep -q` fails under pipefail when grep exits early.
+nm -D --defined-only "$so" | c++filt > "$SCRATCH/symbols"
 grep -q PyInit__C "$SCRATCH/symbols" || { echo "no module entry in $so"; exit 1; }
 for sym in fused_adamw_cuda bucket_pack_cuda bucket_unpack_cuda bucket_scale_cuda; do
-  c++filt < "$SCRATCH/symbols" | grep -q "lmk::$sym(" || { echo "lmk::$sym is not defined in $so"; exit 1; }
+  grep -q "lmk::$sym(" "$SCRATCH/symbols" || { echo "lmk::$sym is not defined in $so"; exit 1; }
 done
 CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"
 if [ ! -x "$CUOBJDUMP" ]; then  # a toolkit with only nvcc: triton ships one
