@@ -32,7 +32,11 @@ def extension():
     srcs = sources.cpp_sources()
     if want_cuda():
         srcs += sources.cuda_sources()
-        nvcc = opt[:1] + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        # No --use_fast_math: it turns sqrtf and '/' into approximations and flushes denormals
+        # (a v = g^2 below 1e-38 becomes 0), so the AdamW kernel could no longer match the CPU
+        # kernel and torch to within the fp32 error rule; the kernels are memory-bound, so
+        # IEEE sqrt/div cost them nothing measurable.
+        nvcc = opt[:1] + ["-lineinfo", "--expt-relaxed-constexpr"]
         include_dirs = sources.extra_cuda_include_dirs()
         # Recorded in build_info; '+' separates archs so the value survives as one macro token.
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch-default").replace(";", "+").replace(" ", "+")
@@ -59,4 +63,8 @@ setup(
         "lmkernels-sample=lmkernels.train.sample:main",
     ]},
     python_requires=">=3.10",
+    # Runtime requirements. Every range admits the torch already installed (GPU machines: 2.11,
+    # dev: 2.13), so `pip install --no-build-isolation .` never swaps torch for another build;
+    # install.sh passes --no-deps anyway. triton: the GPU kernels and their CPU interpreter.
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
 )

@@ -17,13 +17,17 @@
 // than FlashAttention-2's dO . O keeps fp32 gradients as exact as PyTorch's math path (the
 // identity's rounding costs ~4x in rows that see few keys). A task owns dK/dV of its kv head
 // and dQ of its query heads: no atomics, deterministic. GEMMs go to the BLAS torch links
-// (MKL sgemm, looked up at run time, as torch's CPU flash attention does through cpublas);
-// at::mm is the fallback. bf16/fp16 are converted to fp32 tiles (no bf16 arithmetic here).
+// (blas.h). bf16/fp16 are converted to fp32 tiles (no bf16 arithmetic here).
+//
+// Non-finite input (NaN/inf in Q, K, V or scale) gives non-finite output, as SDPA does: a NaN
+// score, one of +inf, or only scores of -inf make the row's out and lse NaN, and the backward's
+// gradients of that row NaN; a single -inf score weighs 0. Rows that see no bad value stay
+// finite, up to the 0 * inf that an inf in V meets in the P V product of the other rows of its
+// tile (SDPA has the same). Rows that see no key at all give out = 0 and lse = -inf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <dlfcn.h>
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -38,53 +42,14 @@
 
 #include "../attention.h"
 #include "../checks.h"
+#include "blas.h"
 
 namespace lmk {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ------------------------------------------------------------------------------ GEMM
-using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                         const float*, const float*, const int*, const float*, const int*,
-                         const float*, float*, const int*);
-
-sgemm_t find_sgemm() {
-  static const sgemm_t fn = [] {
-    void* sym = nullptr;
-    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, "sgemm_");
-    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "sgemm_");
-    return reinterpret_cast<sgemm_t>(sym);
-  }();
-  return fn;
-}
-
-// Row-major C (M x N, ldc) = alpha * op(A) op(B) + beta * C; op(A) is M x K, op(B) K x N.
-// A row-major product is the column-major product of the transposes: C^T = op(B)^T op(A)^T.
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-          int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (sgemm_t sgemm = find_sgemm()) {
-    const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
-    sgemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C,
-          &lc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor a = trans_a ? at::from_blob(const_cast<float*>(A), {K, M}, {lda, 1}, opts).t()
-                         : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor b = trans_b ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
-                         : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == 0.f) {
-    at::mm_out(c, a, b);
-    if (alpha != 1.f) c.mul_(alpha);
-  } else {
-    c.mul_(beta).addmm_(a, b, 1.0, alpha);
-  }
-}
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // ------------------------------------------------------------------------------ helpers
 // fp32 view of n contiguous elements: the data itself for float, else converted into buf.
@@ -110,11 +75,12 @@ inline void store_from_float(const float* src, T* dst, int64_t n) {
 // exp on 8 lanes for x <= 88: 2^n * e^r with n = round(x log2 e), r = x - n ln2 (ln2 in two
 // parts), e^r by its degree-7 Taylor polynomial (|r| <= ln2/2: truncation < 6e-9). Measured
 // max relative error 7e-8 (Sleef's exp_u10: 8e-8, at::vec exp_u20: 2.2e-7) at half Sleef's
-// cost; x is clamped to [-87, 88] (exp(-87) ~ 2e-38: no weight that matters). Other SIMD
-// levels use at::vec's exp.
+// cost; x is clamped to [-87, 88] (exp(-87) ~ 2e-38: no weight that matters), NaN kept:
+// max/min_ps return their second operand when either is NaN, so x goes second. Other SIMD
+// levels use at::vec's exp (Sleef, which keeps NaN).
 inline Vec vexp(Vec xv) {
 #if defined(CPU_CAPABILITY_AVX2)
-  __m256 x = _mm256_min_ps(_mm256_max_ps(xv, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  __m256 x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), xv));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -137,14 +103,14 @@ inline Vec vexp(Vec xv) {
 
 inline void fill(float* p, int64_t n, float v) { std::fill(p, p + n, v); }
 
-// max(x[a:b])
+// max(x[a:b]), NaN if any is NaN (at::vec::maximum propagates NaN; std::max would not).
 inline float row_max_range(const float* x, int64_t a, int64_t b) {
   Vec vmax(kNegInf);
   int64_t c = a;
   for (; c + Vec::size() <= b; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c));
   float m = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); },
                                            vmax);
-  for (; c < b; ++c) m = std::max(m, x[c]);
+  for (; c < b; ++c) m = std::isnan(x[c]) ? x[c] : std::max(m, x[c]);
   return m;
 }
 
@@ -173,18 +139,18 @@ inline void scale_row(float* x, int64_t n, float s) {
 
 // Tile sizes. Forward: BQ x BK scores (128 KB at 64 x 512) plus the K and V tiles stay in
 // the 512 KB L2 of Zen 3; 64 x 512 beat 64 x 256, 128 x 512 and 32 x 512 at T=512, D=64
-// fp32 (2 threads). Backward: BQ query rows against all their keys (bwd_k unused).
+// fp32 (2 threads). Backward: BQ query rows against all their keys.
 struct Blocks {
-  int64_t fwd_q, fwd_k, bwd_q, bwd_k;
+  int64_t fwd_q, fwd_k, bwd_q;
 };
 inline Blocks choose_blocks(int64_t D) {
   // LMK_ATTN_BLOCKS="fwd_q,fwd_k,bwd_q" overrides (for tuning runs).
   static const char* env = std::getenv("LMK_ATTN_BLOCKS");
   if (env != nullptr) {
-    Blocks b{64, 256, 64, 0};
+    Blocks b{64, 256, 64};
     if (std::sscanf(env, "%ld,%ld,%ld", &b.fwd_q, &b.fwd_k, &b.bwd_q) == 3) return b;
   }
-  return D <= 64 ? Blocks{64, 512, 64, 0} : Blocks{64, 256, 32, 0};
+  return D <= 64 ? Blocks{64, 512, 64} : Blocks{64, 256, 32};
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -225,7 +191,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const float* k_tile = as_float(K + kv_off + j0 * D, cols * D, k_buf.data());
         const float* v_tile = as_float(V + kv_off + j0 * D, cols * D, v_buf.data());
         float* s = s_buf.data();
-        gemm(false, true, rows, cols, D, 1.f, q_tile, D, k_tile, D, 0.f, s, BK);
+        gemm_f32(false, true, rows, cols, D, 1.f, q_tile, D, k_tile, D, 0.f, s, BK);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = s + r * BK;
           const int64_t a = std::clamp<int64_t>(mask.lo(i0 + r) - j0, 0, cols);
@@ -235,7 +201,13 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
             continue;
           }
           const float m_old = row_max[r];
-          const float m_new = std::max(m_old, row_max_range(srow, a, e));
+          const float tile_max = row_max_range(srow, a, e);
+          // NaN wins (std::max(m_old, NaN) would drop it); NaN in m_old stays.
+          const float m_new = std::isnan(tile_max) ? tile_max : std::max(m_old, tile_max);
+          if (m_new == kNegInf) {  // every score so far is -inf: no weight yet
+            fill(srow, cols, 0.f);
+            continue;
+          }
           const float sum = exp_and_sum(srow, a, e, 1.f, m_new);
           fill(srow, a, 0.f);
           fill(srow + e, cols - e, 0.f);
@@ -244,17 +216,21 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           row_max[r] = m_new;
           if (alpha != 1.f) scale_row(acc.data() + r * D, D, alpha);
         }
-        gemm(false, false, rows, D, cols, 1.f, s, BK, v_tile, D, 1.f, acc.data(), D);
+        gemm_f32(false, false, rows, D, cols, 1.f, s, BK, v_tile, D, 1.f, acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
         const float l = row_sum[r];
         float* a = acc.data() + r * D;
         if (l > 0.f) {
           scale_row(a, D, 1.f / l);
-          L[bh * T + i0 + r] = row_max[r] + std::log(l);
-        } else {
+          L[bh * T + i] = row_max[r] + std::log(l);
+        } else if (mask.lo(i) >= mask.hi(i)) {  // no key to attend: 0, lse = -inf
           fill(a, D, 0.f);
-          L[bh * T + i0 + r] = kNegInf;
+          L[bh * T + i] = kNegInf;
+        } else {  // a NaN or +inf score (l is NaN), or only -inf scores: softmax is undefined
+          fill(a, D, kNaN);
+          L[bh * T + i] = kNaN;
         }
       }
       store_from_float(acc.data(), O + (bh * T + i0) * D, rows * D);
@@ -349,8 +325,8 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
           const float* do_tile = as_float(dO + q_off + i0 * D, rows * D, do_buf.data());
           float* p = p_buf.data();
           float* dp = dp_buf.data();
-          gemm(false, true, rows, W, D, 1.f, q_tile, D, k_h + c0 * D, D, 0.f, p, W);
-          gemm(false, true, rows, W, D, 1.f, do_tile, D, v_h + c0 * D, D, 0.f, dp, W);
+          gemm_f32(false, true, rows, W, D, 1.f, q_tile, D, k_h + c0 * D, D, 0.f, p, W);
+          gemm_f32(false, true, rows, W, D, 1.f, do_tile, D, v_h + c0 * D, D, 0.f, dp, W);
           for (int64_t r = 0; r < rows; ++r) {
             float* prow = p + r * W;
             float* dprow = dp + r * W;
@@ -377,11 +353,14 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
             fill(dprow, a, 0.f);
             fill(dprow + e, W - e, 0.f);
           }
-          gemm(true, false, W, D, rows, 1.f, p, W, do_tile, D, 0.f, contrib.data(), D);
+          gemm_f32(true, false, W, D, rows, 1.f, p, W, do_tile, D, 0.f, contrib.data(), D);
           add_compensated(dv_h + c0 * D, dv_comp.data() + c0 * D, contrib.data(), W * D);
-          gemm(true, false, W, D, rows, 1.f, dp, W, q_tile, D, 0.f, contrib.data(), D);
+          gemm_f32(true, false, W, D, rows, 1.f, dp, W, q_tile, D, 0.f, contrib.data(), D);
           add_compensated(dk_h + c0 * D, dk_comp.data() + c0 * D, contrib.data(), W * D);
-          gemm(false, false, rows, D, W, 1.f, dp, W, k_h + c0 * D, D, 0.f, dq_out, D);
+          gemm_f32(false, false, rows, D, W, 1.f, dp, W, k_h + c0 * D, D, 0.f, dq_out, D);
+          // A row that sees no key has dS = 0, but 0 times a NaN/inf in K is NaN: its dQ is 0.
+          for (int64_t r = 0; r < rows; ++r)
+            if (mask.lo(i0 + r) >= mask.hi(i0 + r)) fill(dq_out + r * D, D, 0.f);
           if (!kF32) store_from_float(dq_out, dQ + q_off + i0 * D, rows * D);
         }
       }
@@ -426,22 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& grad_lse, double scale, bool is_causal,
     int64_t window_left, int64_t window_right) {
-  const char* op = "attention_bwd";
-  check_attention_args(op, query, key, value, window_left, window_right);
-  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(), op,
-              ": grad_out and out must have query's shape ", query.sizes(), "; got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
-                  out.scalar_type() == query.scalar_type(),
-              op, ": grad_out and out must have query's dtype ", query.scalar_type());
-  const auto lse_shape = std::vector<int64_t>{query.size(0), query.size(1), query.size(2)};
-  TORCH_CHECK(lse.sizes() == lse_shape && lse.scalar_type() == at::kFloat, op,
-              ": lse must be float32 of shape ", lse_shape, "; got ", lse.scalar_type(), " ",
-              lse.sizes());
-  if (grad_lse) {
-    TORCH_CHECK(grad_lse->sizes() == lse_shape && grad_lse->scalar_type() == at::kFloat, op,
-                ": grad_lse must be float32 of shape ", lse_shape);
-  }
+  // Arguments checked by check_attention_bwd_args (attention.cpp) in the op's entry below.
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   // out is not read: delta = dO . O is recomputed as sum_j P dP from the tiles (see kernel).
   const at::Tensor g = grad_out.contiguous(), l = lse.contiguous();

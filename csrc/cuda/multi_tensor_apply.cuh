@@ -14,15 +14,29 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstddef>
+#include <limits>
 #include <vector>
 
 namespace lmk {
 
-// Sized so that the struct stays under the 4 KB kernel-parameter limit for up to 7 lists.
+// Kernel parameters are limited to 4096 bytes (sm_70+ with CUDA >= 12.1 allows 32 KB, but
+// the small limit keeps launches cheap and portable). The table takes kMetaBytes of them;
+// the rest is left for the chunk size, the functor and its arguments (checked at compile
+// time in multi_tensor_apply).
+constexpr size_t kMaxKernelParamBytes = 4096;
+constexpr size_t kMetaBytes = 3840;
+
 template <int kLists>
 struct TensorListMetaLimits {
+  // Per tensor: kLists addresses, its numel and its index in the caller's lists.
+  static constexpr size_t kBytesPerTensor = kLists * sizeof(void*) + sizeof(int64_t) + sizeof(int);
   static constexpr int kMaxTensors = kLists <= 4 ? 48 : 36;
-  static constexpr int kMaxBlocks = 320;
+  // Per block: its tensor slot (1 byte) and chunk (4 bytes); the blocks get what tensors leave.
+  static constexpr int kMaxBlocks =
+      static_cast<int>((kMetaBytes - kMaxTensors * kBytesPerTensor) / (1 + sizeof(int)));
+  static_assert(kMaxTensors <= 256, "block_to_tensor holds a slot in one byte");
+  static_assert(kMaxBlocks >= 128, "too many lists for the parameter budget");
 };
 
 template <int kLists>
@@ -34,6 +48,15 @@ struct TensorListMeta {
   unsigned char block_to_tensor[Limits::kMaxBlocks];
   int block_to_chunk[Limits::kMaxBlocks];
 };
+
+// Bytes of a kernel's parameter list (each parameter at its own alignment, as the ABI lays
+// them out), for the static_assert below.
+template <typename... Ts>
+constexpr size_t param_bytes() {
+  size_t offset = 0;
+  ((offset = (offset + alignof(Ts) - 1) / alignof(Ts) * alignof(Ts) + sizeof(Ts)), ...);
+  return offset;
+}
 
 template <int kLists, typename Functor, typename... Args>
 __global__ void __launch_bounds__(512) multi_tensor_kernel(int64_t chunk_size, TensorListMeta<kLists> meta,
@@ -50,10 +73,12 @@ void multi_tensor_apply(int64_t chunk_size, int threads,
                         const std::vector<std::vector<at::Tensor>>& lists, Functor functor,
                         Args... args) {
   using Limits = TensorListMetaLimits<kLists>;
+  static_assert(sizeof(TensorListMeta<kLists>) <= kMetaBytes, "tensor table over its budget");
+  static_assert(param_bytes<int64_t, TensorListMeta<kLists>, Functor, Args...>() <= kMaxKernelParamBytes,
+                "multi_tensor_kernel's parameters exceed the 4 KB kernel-parameter limit");
   TORCH_CHECK(lists.size() == kLists, "multi_tensor_apply: expected ", kLists, " lists");
   const size_t n = lists[0].size();
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(lists[0][0].device());
   auto stream = at::cuda::getCurrentCUDAStream();
 
   TensorListMeta<kLists> meta;
@@ -70,6 +95,8 @@ void multi_tensor_apply(int64_t chunk_size, int threads,
     meta.numel[slot] = numel;
     meta.global_index[slot] = static_cast<int>(t);
     const int64_t chunks = (numel + chunk_size - 1) / chunk_size;
+    TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "multi_tensor_apply: tensor ", t,
+                " has ", numel, " elements, more than ", chunk_size, " * 2^31 - 1");
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_to_tensor[blocks] = static_cast<unsigned char>(slot);
       meta.block_to_chunk[blocks] = static_cast<int>(c);
