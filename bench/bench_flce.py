@@ -9,13 +9,12 @@ Candidates: "eager"; "fused" (gradients computed in the forward's chunk loop: 3 
 eager); "recompute" (reduction='none' then .sum(), whose backward recomputes the logits from
 the saved lse: 4 GEMMs), to justify the first design. Times are medians of alternating runs in
 one process. Peak memory: each case runs once in a fresh subprocess; we report its peak RSS
-(ru_maxrss) minus the current RSS right after the inputs were made (so: what the loss and its
+(VmHWM) minus the current RSS right after the inputs were made (so: what the loss and its
 gradients add on top of hidden, weight and the process).
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -50,7 +49,13 @@ def step(kind, hidden, weight, target, chunk_size=None):
 
 
 def _maxrss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits
+    from the process that forked it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_bytes():
@@ -78,8 +83,11 @@ def main():
     ap.add_argument("--v", type=int, default=32768)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep (fused only)")
+    ap.add_argument("--kinds", default="eager,fused,recompute", help="candidates to time")
     args = ap.parse_args()
     N, H, V = args.n, args.h, args.v
+    # memory first, in subprocesses, before this process grows
+    mem = {k: peak_memory(k, N, H, V) for k in ("eager", "fused", "recompute")}
     hidden, weight, target = make_inputs(N, H, V)
     # correctness first: same loss and gradients as eager
     l1 = step("eager", hidden, weight, target)
@@ -88,20 +96,20 @@ def main():
     err = max((hidden.grad - g1[0]).abs().max().item(), (weight.grad - g1[1]).abs().max().item())
     print(f"loss eager {l1.item():.6f} fused {l2.item():.6f}; max grad diff {err:.2e}")
 
-    kinds = {k: (lambda k=k: step(k, hidden, weight, target)) for k in ("eager", "fused", "recompute")}
+    kinds = {k: (lambda k=k: step(k, hidden, weight, target)) for k in args.kinds.split(",")}
     for c in filter(None, args.chunks.split(",")):
         kinds[f"fused chunk={c}"] = lambda c=int(c): step("fused", hidden, weight, target, c)
-    times = alternate(kinds, args.reps, warmup=1)
+    times = alternate(kinds, args.reps, warmup=0)  # the correctness run above warmed up
     flops = 3 * 2 * N * H * V  # forward GEMM + two backward GEMMs
-    mem = {k: peak_memory(k, N, H, V) for k in ("eager", "fused", "recompute")}
     print(f"\nN={N}, H={H}, V={V}, float32, forward + backward, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print("| candidate | time (s) | GFLOP/s (3 GEMMs) | speed vs eager | peak memory added (MiB) | memory vs eager |")
     print("|---|---|---|---|---|---|")
-    for k, t in times.items():
-        m = mem.get(k)
+    for k in dict.fromkeys(list(times) + list(mem)):
+        t, m = times.get(k), mem.get(k)
+        ttxt = f"{t:.3f} | {flops / t / 1e9:.0f} | {times['eager'] / t:.2f}x" if t else "- | - | -"
         mtxt = f"{m / 2**20:.0f} | {m / max(mem['eager'], 1):.3f}" if m is not None else "- | -"
-        print(f"| {k} | {t:.3f} | {flops / t / 1e9:.0f} | {times['eager'] / t:.2f}x | {mtxt} |")
+        print(f"| {k} | {ttxt} | {mtxt} |")
 
 
 if __name__ == "__main__":
