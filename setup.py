@@ -57,6 +57,8 @@ setup(
     entry_points={"console_scripts": [
         "lmkernels-train=lmkernels.train.__main__:main",
         "lmkernels-sample=lmkernels.train.sample:main",
+        "lmkernels-export=lmkernels.train.export:main",
     ]},
+    extras_require={"hf": ["transformers>=5.0", "safetensors"]},
     python_requires=">=3.10",
 )

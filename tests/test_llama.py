@@ -115,3 +115,18 @@ def test_from_hf_rejects_what_it_cannot_run():
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **bad}))
         with pytest.raises(ValueError, match=match):
             Llama.from_hf(hf)
+
+
+def test_export_writes_a_transformers_model(tmp_path):
+    from dataclasses import asdict
+
+    from lmkernels.train.export import export_hf
+
+    model = make()
+    export_hf(model.state_dict(), asdict(model.config), tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model.logits(idx), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="only Llama checkpoints"):
+        export_hf({}, dict(n_embd=32, n_layer=1), tmp_path / "gpt")
