@@ -93,18 +93,50 @@ BLOCK_V = 128 if triton_interpreted() else 4096
 NUM_WARPS = 8
 
 
-def launch_rows(x, target, scale, lse, loss_rows, z_rows, *, ignore_index, label_smoothing,
-                z_loss, softcap, have_lse, compute_grad, scale_per_row):
+def _row_kernel_call(x, target, scale, lse, loss_rows, z_rows, *, ignore_index, label_smoothing,
+                     z_loss, softcap, have_lse, compute_grad, scale_per_row):
+    """(args, kwargs) of flce_row_kernel for a (C, V) chunk x: the one place both the launcher
+    and compile_specs() build the call from."""
+    V = x.shape[1]
+    args = (x, x.stride(0), target, scale, lse, loss_rows, z_rows, V, ignore_index,
+            float(label_smoothing), label_smoothing / V, 1.0 - label_smoothing + label_smoothing / V,
+            float(z_loss), float(softcap or 1.0))
+    kwargs = dict(HAVE_LSE=have_lse, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
+                  SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V, DTYPE=tl_dtype(x.dtype),
+                  num_warps=NUM_WARPS)
+    return args, kwargs
+
+
+def launch_rows(x, target, scale, lse, loss_rows, z_rows, **opts):
     """Runs the row kernel over the rows of the contiguous-rows chunk x (C, V)."""
-    C, V = x.shape
-    if C == 0:
+    if x.shape[0] == 0:
         return
-    flce_row_kernel[(C,)](
-        x, x.stride(0), target, scale, lse, loss_rows, z_rows,
-        V, ignore_index, float(label_smoothing), label_smoothing / V,
-        1.0 - label_smoothing + label_smoothing / V, float(z_loss), float(softcap or 1.0),
-        HAVE_LSE=have_lse, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
-        SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V, DTYPE=tl_dtype(x.dtype), num_warps=NUM_WARPS)
+    args, kwargs = _row_kernel_call(x, target, scale, lse, loss_rows, z_rows, **opts)
+    flce_row_kernel[(x.shape[0],)](*args, **kwargs)
+
+
+def compile_specs():
+    """For the sm_90/sm_100 compile gate (lmkernels/gpu_compile_check.py): every specialization
+    the launchers make (dtype x softcap x forward with/without gradient, backward per-row or
+    scalar scale) for a (1024, 32000) chunk. Streaming kernel: 16-byte loads required."""
+    import torch
+
+    from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
+
+    C, V = 1024, 32000
+    f32 = lambda *shape: ArgTensor(torch.float32, shape=shape)  # noqa: E731
+    modes = {"fwd": (False, False, False), "fwd+grad": (False, True, False),
+             "bwd scalar": (True, True, False), "bwd per-row": (True, True, True)}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for softcap in (None, 30.0):
+            for mode, (have_lse, grad, per_row) in modes.items():
+                args, kwargs = _row_kernel_call(
+                    ArgTensor(dtype, shape=(C, V)), ArgTensor(torch.int64, shape=(C,)),
+                    f32(C if per_row else 1), f32(C), f32(C), f32(C), ignore_index=-100,
+                    label_smoothing=0.1, z_loss=1e-4, softcap=softcap, have_lse=have_lse,
+                    compute_grad=grad, scale_per_row=per_row)
+                name = f"flce_row {str(dtype).removeprefix('torch.')} {mode}{' softcap' if softcap else ''}"
+                yield CompileSpec(name, Launch(flce_row_kernel, args, kwargs), vector_loads=True)
 
 
 def default_chunk_rows(N: int, V: int) -> int:
