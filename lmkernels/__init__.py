@@ -7,7 +7,9 @@ load_extension()  # registers torch.ops.lmkernels.* (C++ and CUDA kernels)
 
 from lmkernels import ops  # noqa: E402  (registers the Python-side ops: fakes, Triton, autograd)
 from lmkernels.ops import attention, fused_adamw_  # noqa: E402
+from lmkernels.ops import add_rms_norm, rms_norm, rotary_embedding, swiglu  # noqa: E402
 from lmkernels.ops import fused_linear_cross_entropy  # noqa: E402
 from lmkernels.optim import FusedAdamW  # noqa: E402
 
-__all__ = ["FusedAdamW", "attention", "build_info", "fused_adamw_", "fused_linear_cross_entropy", "ops"]
+__all__ = ["FusedAdamW", "add_rms_norm", "attention", "build_info", "fused_adamw_",
+           "fused_linear_cross_entropy", "ops", "rms_norm", "rotary_embedding", "swiglu"]
