@@ -21,7 +21,6 @@ import types
 import torch
 
 import lmkernels
-from lmkernels.models.llama import add_rms_norm, rms_norm, rotate_half_rope, swiglu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _MARK = "_lmkernels_patched"
@@ -47,11 +46,11 @@ def check_config(config) -> None:
 
 # ------------------------------------------------------------------ replacement forwards
 def _rms_norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return lmkernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(lmkernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -67,7 +66,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
     v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
     cos, sin = position_embeddings  # (B, T, hd) each
-    q, k = rotate_half_rope(q, k, cos[:, None], sin[:, None])
+    q, k = lmkernels.rotary_embedding(q, k, cos[:, None], sin[:, None])
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     # no mask tensor: causal, aligned bottom-right when decoding with a cache (S > T)
@@ -83,7 +82,7 @@ def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_id
                           past_key_values=past_key_values, use_cache=use_cache,
                           position_embeddings=position_embeddings, **kwargs)
     norm = self.post_attention_layernorm
-    h, hidden_states = add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
+    h, hidden_states = lmkernels.add_rms_norm(h, residual, norm.weight, norm.variance_epsilon)
     return hidden_states + self.mlp(h)
 
 

@@ -58,42 +58,7 @@ class LlamaConfig:
         return self.max_position_embeddings
 
 
-# ------------------------------------------------------------------ the ops, with eager fallbacks
-# (lmkernels.rms_norm / add_rms_norm / rotary_embedding / swiglu come from the llama-ops work;
-# until they are in the package the same maths runs in PyTorch.)
-def rms_norm(x, weight, eps):
-    if hasattr(lmkernels, "rms_norm"):
-        return lmkernels.rms_norm(x, weight, eps)
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def add_rms_norm(x, residual, weight, eps):
-    """(rms_norm(x + residual), x + residual)"""
-    if hasattr(lmkernels, "add_rms_norm"):
-        return lmkernels.add_rms_norm(x, residual, weight, eps)
-    s = x + residual
-    return rms_norm(s, weight, eps), s
-
-
-def rotate_half_rope(q, k, cos, sin):
-    """q (B, nh, T, hd), k (B, nkv, T, hd); cos/sin (T, hd) in Hugging Face's rotate-half layout."""
-    if hasattr(lmkernels, "rotary_embedding"):
-        return lmkernels.rotary_embedding(q, k, cos, sin)
-
-    def rot(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-    return rot(q), rot(k)
-
-
-def swiglu(gate, up):
-    if hasattr(lmkernels, "swiglu"):
-        return lmkernels.swiglu(gate, up)
-    return F.silu(gate) * up
-
-
+# ------------------------------------------------------------------ rotary tables
 def rope_tables(head_dim: int, length: int, theta: float, device=None):
     """(cos, sin), each (length, head_dim) float32, as Hugging Face's default rotary embedding."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -112,8 +77,8 @@ class RMSNorm(nn.Module):
     def forward(self, x, residual=None):
         """rms_norm(x), or with a residual (rms_norm(x + residual), x + residual) in one pass."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return lmkernels.rms_norm(x, self.weight, self.eps)
+        return lmkernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -130,7 +95,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = rotate_half_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        q, k = lmkernels.rotary_embedding(q, k, cos, sin)  # rotate-half, cos/sin (T, hd) float32
         y = lmkernels.attention(q, k, v, is_causal=True)  # GQA without repeating k, v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -143,7 +108,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(lmkernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
