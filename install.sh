@@ -12,6 +12,7 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q "triton==3.7.1"
 fi
 "$PY" -m pip install -q numpy pybind11 ninja pytest pytest-benchmark matplotlib setuptools
+"$PY" -m pip install -q "transformers==5.23.0" "safetensors==0.8.0"  # lmkernels[hf]; tests use it
 # No build isolation: an isolated build would download another torch to compile against.
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -c "import lmkernels; print('lmkernels installed:', lmkernels.build_info())"

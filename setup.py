@@ -61,7 +61,9 @@ setup(
     entry_points={"console_scripts": [
         "lmkernels-train=lmkernels.train.__main__:main",
         "lmkernels-sample=lmkernels.train.sample:main",
+        "lmkernels-export=lmkernels.train.export:main",
     ]},
+    extras_require={"hf": ["transformers>=5.0", "safetensors"]},
     python_requires=">=3.10",
     # Runtime requirements. Every range admits the torch already installed (GPU machines: 2.11,
     # dev: 2.13), so `pip install --no-build-isolation .` never swaps torch for another build;

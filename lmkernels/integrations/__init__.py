@@ -1,0 +1,1 @@
+"""Patches for other libraries' models (needs the library: `pip install lmkernels[hf]`)."""
