@@ -80,8 +80,7 @@ def _worker(cfg):
     after_tl = []
 
     def step_ours():
-        ours(idx, tgt).backward()
-        ours.finish_gradient_sync()
+        ours(idx, tgt).backward()  # ends synchronized (waits for the buckets still in flight)
 
     def step_ddp():
         ddp(idx, tgt).backward()

@@ -1,6 +1,6 @@
 """GPU check of BucketedDataParallel: the NCCL path at world size 1 (every rank's code runs:
-hooks, bucket ops on the GPU, ReduceOp.AVG, finish_gradient_sync), correctness against torch
-DDP, step times against DDP and all-reduce-after-backward, and the bucket ops' bandwidth.
+hooks, bucket ops on the GPU, ReduceOp.AVG, the sync at the end of backward), gradients within
+the float64 rule (at most twice DDP's error), step times against DDP and all-reduce-after-backward, and the bucket ops' bandwidth.
 
     python3 bench/gpu_dp.py      # prints one markdown section; about 60 s on an H100
 
@@ -38,27 +38,41 @@ def main():
              f"torch {torch.__version__}, triton {triton.__version__}, "
              f"lmkernels CUDA kernels: {lmkernels.build_info()['compiled_backends']}", ""]
 
-    # Correctness: gradients equal DDP's (bitwise at world 1 in fp32; bf16 on the wire: ~2^-8).
+    # Correctness, with a tolerance from the math rather than bit equality (attention's and the
+    # embedding's CUDA backward are not deterministic, so even DDP differs from itself run to
+    # run): per tensor, the error against float64 gradients may be at most twice DDP's error
+    # plus one fp32 rounding of the gradient's magnitude, plus one bf16 rounding (2^-8 of the
+    # magnitude bounds it) when the wire is bf16.
     torch.manual_seed(0)
     base = BenchGPT(8192, 1024, 8, 16, 256).to(dev)
     idx = torch.randint(0, 8192, (8, 256), device=dev)
     tgt = torch.roll(idx, -1, 1)
     ddp = DDP(copy.deepcopy(base), device_ids=[0], bucket_cap_mb=25)
+    ref64 = copy.deepcopy(base).double()
+    ref64(idx, tgt).backward()
     rows = []
     for reduce_dtype in (None, torch.bfloat16):
         ours = BucketedDataParallel(copy.deepcopy(base), bucket_cap_mb=25, reduce_dtype=reduce_dtype)
+        assert ours._reduce_op == dist.ReduceOp.AVG, "NCCL must average inside the reduction"
         for _ in range(2):  # the second step runs on the rebuilt buckets
             ours.zero_grad(set_to_none=False)
             ddp.zero_grad(set_to_none=False)
             ours(idx, tgt).backward()
             ddp(idx, tgt).backward()
-            ours.finish_gradient_sync()
-        err = max(((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)).item()
-                  for p, q in zip(ours.module.parameters(), ddp.module.parameters()))
-        limit = 0.0 if reduce_dtype is None else 2.0 ** -8
-        status = "ok" if err <= limit else "FAIL"
-        rows.append(f"| gradients vs DDP, reduce_dtype={reduce_dtype} | max rel. error {err:.2e} "
-                    f"(limit {limit:.0e}) | {status} |")
+        wire = 0.0 if reduce_dtype is None else 2.0 ** -8
+        worst, worst_name = 0.0, ""
+        for (name, p), q, r in zip(ours.module.named_parameters(), ddp.module.parameters(),
+                                   ref64.parameters()):
+            g64 = r.grad
+            err = (p.grad.double() - g64).abs().max().item()
+            limit = (2 * (q.grad.double() - g64).abs().max().item()
+                     + (torch.finfo(torch.float32).eps + wire) * g64.abs().max().item())
+            if err / max(limit, 1e-300) > worst:
+                worst, worst_name = err / max(limit, 1e-300), name
+        status = "ok" if worst <= 1.0 else "FAIL"
+        rows.append(f"| gradients vs float64, reduce_dtype={reduce_dtype} | worst error / limit "
+                    f"{worst:.2f} ({worst_name}) | {status} |")
+    del ref64
     lines += ["| check | result | |", "|---|---|---|", *rows, ""]
 
     # Step times (forward + backward + sync), do_bench medians.
@@ -66,8 +80,7 @@ def main():
     after = BucketedDataParallel(copy.deepcopy(base), bucket_cap_mb=25, record_timeline=False)
 
     def step_ours():
-        ours(idx, tgt).backward()
-        ours.finish_gradient_sync()
+        ours(idx, tgt).backward()  # ends synchronized
 
     def step_ddp():
         ddp(idx, tgt).backward()

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=8 python/dp_example.py --backend nccl   # one GPU per process
 
 Each rank trains on its own shard of a synthetic next-token task; the gradient all-reduce
-runs bucket by bucket while backward is still computing, and optimizer.step() waits only for
-what is still in flight. Prints the loss, the step time and the exposed communication.
+runs bucket by bucket while backward is still computing, and backward returns once the buckets
+still in flight are done, so optimizer.step() sees averaged gradients. Prints the loss, the step time and the exposed communication.
 """
 import argparse
 import os
@@ -68,7 +68,7 @@ def main():
             with (model.no_sync() if not sync else torch.enable_grad()):
                 loss = model(idx, (idx + 1) % 256) / args.accumulate
                 loss.backward()
-        optimizer.step()  # finishes the gradient sync first (waits only for buckets in flight)
+        optimizer.step()  # the gradients were averaged as the last backward ended
         if step % 10 == 0 or step == args.steps - 1:
             model.verify_replicas()  # every rank holds the same weights
             tl = model.last_timeline

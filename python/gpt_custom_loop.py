@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 import lmkernels  # noqa: F401
 from lmkernels.distributed.mesh import init_mesh
-from lmkernels.distributed.tensor_parallel import clip_grad_norm_, parallelize_gpt
+from lmkernels.distributed.tensor_parallel import parallelize_gpt
+from lmkernels.distributed.tp_utils import clip_grad_norm_
 from lmkernels.models import GPT, GPTConfig
 from lmkernels.optim import FusedAdamW
 from lmkernels.train.data import BatchSampler, prepare_data
@@ -50,9 +51,7 @@ def main():
     for step in range(args.steps):
         x, y = sampler.get_batch("train", step)
         _, loss = net(x, y)
-        loss.backward()  # DP all-reduces overlap this
-        if net is not model:
-            net.finish_gradient_sync()
+        loss.backward()  # DP all-reduces overlap this; it returns with averaged gradients
         norm = clip_grad_norm_(model.parameters(), 1.0, mesh.tp_group)  # true global norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=net is model)

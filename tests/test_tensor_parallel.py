@@ -91,6 +91,7 @@ def _tp_gpt(mesh):
 
     import lmkernels
     from lmkernels.distributed import tensor_parallel as TP
+    from lmkernels.distributed import tp_utils as TPU
     from lmkernels.models.gpt import GPT, GPTConfig
 
     g, rank = mesh.tp_group, mesh.tp_rank
@@ -127,7 +128,7 @@ def _tp_gpt(mesh):
         checked += 1
     assert checked == len(p32)
     # the global gradient norm across TP ranks equals the single model's
-    norm_tp = TP.clip_grad_norm_(tp_model.parameters(), 1e-3, g)
+    norm_tp = TPU.clip_grad_norm_(tp_model.parameters(), 1e-3, g)
     norm_single = torch.nn.utils.clip_grad_norm_(single.parameters(), 1e-3)
     torch.testing.assert_close(norm_tp, norm_single, rtol=1e-5, atol=0)
     for name, p in tp_model.named_parameters():  # and both clipped the same way
@@ -135,7 +136,7 @@ def _tp_gpt(mesh):
         ref = p32[name].grad
         torch.testing.assert_close(p.grad, TP._split(ref, shard, rank, 2) if shard else ref, rtol=1e-5, atol=1e-9)
     # unsharding gathers exactly the single model's weights
-    full = TP.full_state_dict(tp_model, g)
+    full = TPU.full_state_dict(tp_model, g)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(full[key], value, rtol=0, atol=0)
     # clear errors
@@ -180,6 +181,7 @@ def _dp_tp_training(text_path, cache_dir, out_dir):
     import lmkernels
     from lmkernels.distributed import BucketedDataParallel
     from lmkernels.distributed import tensor_parallel as TP
+    from lmkernels.distributed import tp_utils as TPU
     from lmkernels.distributed.mesh import init_mesh
     from lmkernels.models.gpt import GPT, GPTConfig
     from lmkernels.optim import FusedAdamW
@@ -207,7 +209,7 @@ def _dp_tp_training(text_path, cache_dir, out_dir):
         _, loss = ddp(idx[mine], tgt[mine])
         loss.backward()
         ddp.finish_gradient_sync()
-        TP.clip_grad_norm_(model.parameters(), 0.05, mesh.tp_group)  # small: clipping is active
+        TPU.clip_grad_norm_(model.parameters(), 0.05, mesh.tp_group)  # small: clipping is active
         opt.step()
         opt.zero_grad(set_to_none=False)
         loss = loss.detach().clone()

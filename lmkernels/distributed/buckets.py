@@ -51,7 +51,6 @@ class Bucket:
     pending: int = 0                    # gradients still to arrive in this iteration
     absent: bool = False                # a parameter got no gradient from this backward
     work: Optional[object] = None       # the in-flight all-reduce
-    launched: bool = False
     finalized: bool = False
     launch_time: float = 0.0
     done_time: list = field(default_factory=list)  # filled by the all-reduce's future callback
@@ -60,7 +59,6 @@ class Bucket:
         self.pending = len(self.params)
         self.absent = False
         self.work = None
-        self.launched = False
         self.finalized = False
         self.done_time = []
 
@@ -83,12 +81,11 @@ def make_bucket(index: int, params: list[torch.Tensor], names: list[str],
     grads = torch.zeros(total, dtype=dtype, device=device)
     views = [grads[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
     comm = grads if wire == dtype else torch.empty(total, dtype=wire, device=device)
-    if as_view:
-        with torch.no_grad():
-            for p, v in zip(params, views):
-                if p.grad is not None:
-                    v.copy_(p.grad)
-                    p.grad = v
+    with torch.no_grad():
+        for p, v in zip(params, views):
+            if p.grad is not None:
+                v.copy_(p.grad)
+                p.grad = v
     bucket = Bucket(index, params, names, grads, comm, views, offsets)
     bucket.reset()
     return bucket

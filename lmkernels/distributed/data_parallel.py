@@ -2,78 +2,67 @@
 
     model = BucketedDataParallel(GPT(cfg).to(device), bucket_cap_mb=25)
     loss = model(x, y); loss.backward()        # buckets are all-reduced while backward runs
-    optimizer.step()                           # waits for what is still in flight, then steps
+    optimizer.step()                           # the gradients are averaged when backward returns
 
 How it works (the same on NCCL and gloo):
+  * At construction every rank checks that all ranks hold the same model (parameters, buffers,
+    shapes, dtypes, order, bucketing options) and raises the same clear error if not; then
+    rank 0's parameters and buffers are broadcast.
   * Parameters that require grad (tied ones once) are grouped into buckets in reverse
     registration order (the order backward produces them), with a small first bucket. Each
     bucket owns a flat gradient buffer and every parameter's `.grad` is a view into it.
   * A post-accumulate-grad hook counts a bucket's gradients; when its last one has arrived the
     bucket's all-reduce is launched asynchronously (buckets launch in index order, so every
     rank issues the same collectives in the same order). The average is ReduceOp.AVG where the
-    backend has it (NCCL), otherwise a 1/world_size scale fused into the pack/cast op.
-  * Nothing waits in backward. finish_gradient_sync() waits for what is still in flight and
-    casts / unpacks the results; every torch.optim optimizer's step() calls it first (a global
-    step pre-hook), so a plain training loop needs no extra call.
+    backend serving the gradients' device has it (NCCL), otherwise a 1/world_size scale fused
+    into the pack/cast op.
+  * At the end of backward (an autograd final callback, as in torch DDP) the buckets still in
+    flight are waited for and cast / unpacked, so a plain `optimizer.step()` sees averaged
+    gradients. On NCCL that wait only orders the CUDA streams; the host does not block.
+  * Every wait has a timeout (the process group's, or `timeout=`): a rank whose peers stop
+    raises an error naming the collective and the bucket instead of waiting forever.
   * After the first synchronized iteration the buckets are rebuilt once in the order the
     gradients actually arrived (rank 0's order, broadcast), as DDP does.
+  * An OverlappedOptimizer (lmkernels.distributed.overlap) attached to the model is called with
+    each bucket as soon as that bucket's reduction is done.
 """
 import contextlib
+import math
 import time
-import weakref
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmkernels.distributed import comm
 from lmkernels.distributed.buckets import Bucket, assign_buckets, make_bucket
+from lmkernels.distributed.overlap import CLIP_REFUSAL
+from lmkernels.distributed.replicas import check_same_model, checksum, describe
 from lmkernels.distributed.timeline import BucketEvent, StepTimeline
 from lmkernels.ops.bucket import bucket_pack_, bucket_scale_, bucket_unpack_
 
 __all__ = ["BucketedDataParallel"]
 
 _REDUCE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-# Names an optimizer may use for a gradient-clipping request (FusedAdamW: max_grad_norm).
-_CLIP_KEYS = ("max_grad_norm", "clip_grad_norm", "grad_clip", "clip_norm")
-# Device types each backend can reduce on.
-_BACKEND_DEVICES = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}, "mpi": {"cpu", "cuda"}}
-
-_LIVE: "weakref.WeakSet[BucketedDataParallel]" = weakref.WeakSet()
-_IN_OVERLAP_STEP = False  # set while a bucket's optimizer step runs (no re-entry into finish)
 
 
-def _finish_before_step(optimizer, args, kwargs):
-    """Global optimizer step pre-hook: gradients must be fully reduced before any step."""
-    if _IN_OVERLAP_STEP:
-        return
-    for ddp in list(_LIVE):
-        if ddp._in_flight and not ddp._in_backward:
-            ddp.finish_gradient_sync()
+def _check_cap(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"BucketedDataParallel: {name} must be a number of MiB; got "
+                        f"{type(value).__name__} ({value!r})")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"BucketedDataParallel: {name} must be a finite number of MiB >= 0 "
+                         f"(0: one parameter per bucket); got {value!r}")
+    return float(value)
 
 
-_HOOK_HANDLE = None
-
-
-def _install_step_hook():
-    global _HOOK_HANDLE
-    if _HOOK_HANDLE is None:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        _HOOK_HANDLE = register_optimizer_step_pre_hook(_finish_before_step)
-
-
-def _supported_device_types(group) -> Optional[set]:
-    backend = str(dist.get_backend(group)).lower()
-    types: set = set()
-    for part in backend.split(","):
-        if ":" in part:  # "cpu:gloo,cuda:nccl"
-            types.add(part.split(":")[0].strip())
-        elif part.strip() in _BACKEND_DEVICES:
-            types |= _BACKEND_DEVICES[part.strip()]
-        else:
-            return None  # a backend we do not know: trust the user
-    return types
+def _sparse_modules(module: nn.Module) -> list:
+    """Names of submodules that produce sparse gradients (nn.Embedding / EmbeddingBag with
+    sparse=True) for a parameter that requires grad."""
+    return [name or type(m).__name__ for name, m in module.named_modules()
+            if getattr(m, "sparse", False) is True
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 class BucketedDataParallel(nn.Module):
@@ -86,9 +75,11 @@ class BucketedDataParallel(nn.Module):
     broadcast rank 0's buffers before each forward. find_unused_parameters: allow parameters
     that get no gradient (otherwise an error names them). gradient_as_bucket_view: `.grad` are
     views of the buckets (no copies); False packs and unpacks with the multi-tensor ops.
-    overlap_optimizer: an optimizer over (some of) the module's parameters whose step runs per
-    bucket as soon as that bucket's all-reduce completes; its own step() then only finishes
-    what is left. record_timeline: keep a cheap per-step record (see `last_timeline`).
+    timeout: seconds (or a timedelta) any wait on a collective may take before it raises;
+    default: the process group's timeout (init_process_group(timeout=...)). On NCCL the
+    group's own watchdog enforces its timeout. record_timeline: keep a cheap per-step record
+    (see `last_timeline`). To step the optimizer per bucket during backward, wrap the model and
+    then build an `OverlappedOptimizer(model, ...)`.
     """
 
     def __init__(
@@ -102,24 +93,30 @@ class BucketedDataParallel(nn.Module):
         broadcast_buffers: bool = True,
         find_unused_parameters: bool = False,
         gradient_as_bucket_view: bool = True,
-        overlap_optimizer: Optional[torch.optim.Optimizer] = None,
+        timeout=None,
         record_timeline: bool = True,
     ):
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("BucketedDataParallel needs torch.distributed initialized "
                                "(launch with torchrun and call dist.init_process_group first)")
-        if bucket_cap_mb < 0 or first_bucket_cap_mb < 0:
-            raise ValueError(f"bucket_cap_mb and first_bucket_cap_mb must be >= 0; got "
-                             f"{bucket_cap_mb} and {first_bucket_cap_mb}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"BucketedDataParallel: module must be a torch.nn.Module; got "
+                            f"{type(module).__name__} ({module!r:.60})")
+        self.bucket_cap_mb = _check_cap("bucket_cap_mb", bucket_cap_mb)
+        self.first_bucket_cap_mb = _check_cap("first_bucket_cap_mb", first_bucket_cap_mb)
         if reduce_dtype not in _REDUCE_DTYPES:
-            raise ValueError(f"reduce_dtype must be one of {_REDUCE_DTYPES}; got {reduce_dtype}")
+            raise ValueError(f"BucketedDataParallel: reduce_dtype must be one of {_REDUCE_DTYPES}; "
+                             f"got {reduce_dtype!r}")
+        sparse = _sparse_modules(module)
+        if sparse:
+            raise ValueError(f"BucketedDataParallel: sparse gradients are not supported (the "
+                             f"buckets are dense); these modules have sparse=True: {sparse}. "
+                             "Build them with sparse=False")
         self.module = module
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
-        self.bucket_cap_mb = bucket_cap_mb
-        self.first_bucket_cap_mb = first_bucket_cap_mb
         self.reduce_dtype = reduce_dtype
         self.broadcast_buffers = broadcast_buffers
         self.find_unused_parameters = find_unused_parameters
@@ -132,12 +129,16 @@ class BucketedDataParallel(nn.Module):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self.device = self._check_device()
-        backend = str(dist.get_backend(self.process_group)).lower()
+        self._backend = (comm.backend_devices(self.process_group) or {}).get(self.device.type)
+        self.timeout = comm.as_timeout(timeout) or comm.group_timeout(self.process_group, self.device)
         # NCCL averages inside the reduction; gloo has no AVG, so we pre-scale by 1/world.
-        self._reduce_op = dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM
-        self._prescale = 1.0 if backend == "nccl" else 1.0 / self.world_size
+        averages = comm.averages_in_reduction(self._backend)
+        self._reduce_op = dist.ReduceOp.AVG if averages else dist.ReduceOp.SUM
+        self._prescale = 1.0 if averages else 1.0 / self.world_size
 
+        self._check_same_model()
         self._sync_module_states()
+        self.overlap_optimizer = None  # set by OverlappedOptimizer(self, ...)
         # Reverse registration order: roughly the order backward produces the gradients.
         self._build_buckets(list(reversed(range(len(self._params)))))
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i))
@@ -149,12 +150,6 @@ class BucketedDataParallel(nn.Module):
         self.last_timeline: Optional[StepTimeline] = None
         self._timeline = StepTimeline()
 
-        self.overlap_optimizer = overlap_optimizer
-        if overlap_optimizer is not None:
-            self._setup_overlap_optimizer(overlap_optimizer)
-        _LIVE.add(self)
-        _install_step_hook()
-
     # ----------------------------------------------------------------------------- setup
     def _check_device(self) -> torch.device:
         device = self._params[0].device
@@ -162,13 +157,13 @@ class BucketedDataParallel(nn.Module):
             if p.device != device:
                 raise ValueError(f"BucketedDataParallel: all parameters must be on one device; "
                                  f"'{self._names[0]}' is on {device} but '{n}' is on {p.device}")
-        supported = _supported_device_types(self.process_group)
+        devices = comm.backend_devices(self.process_group)
         backend = dist.get_backend(self.process_group)
-        if supported is not None and device.type not in supported:
+        if devices is not None and device.type not in devices:
             raise ValueError(f"BucketedDataParallel: the module is on {device} but the process "
-                             f"group's backend '{backend}' reduces tensors on {sorted(supported)}; "
+                             f"group's backend '{backend}' reduces tensors on {sorted(devices)}; "
                              "move the module to a matching device or use a matching backend")
-        if device.type == "cuda" and "nccl" in str(backend).lower():
+        if device.type == "cuda" and (devices or {}).get("cuda") == "nccl":
             current = torch.cuda.current_device()
             if device.index != current:
                 raise ValueError(f"BucketedDataParallel: the module is on {device} but this rank's "
@@ -176,24 +171,40 @@ class BucketedDataParallel(nn.Module):
                                  "torch.cuda.set_device(local_rank) before building the model")
         return device
 
+    def _wait(self, work, what: str) -> None:
+        comm.wait(work, what, self.timeout, self._backend, self.rank, self.world_size)
+
+    def _check_same_model(self) -> None:
+        """Every rank must hold the same parameters and buffers (and bucketing options), or the
+        broadcasts and all-reduces below would abort in the backend or hang."""
+        named = [("parameter", n, p) for n, p in self.module.named_parameters()]
+        named += [("buffer", n, b) for n, b in self.module.named_buffers()]
+        options = dict(bucket_cap_mb=self.bucket_cap_mb, first_bucket_cap_mb=self.first_bucket_cap_mb,
+                       reduce_dtype=self.reduce_dtype, find_unused_parameters=self.find_unused_parameters,
+                       broadcast_buffers=self.broadcast_buffers)
+        check_same_model(describe(named, options), self.process_group, self.device, self._wait)
+
+    def _rank0(self) -> int:
+        return dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
+
     @torch.no_grad()
-    def _broadcast_from_rank0(self, tensors: list) -> None:
+    def _broadcast_from_rank0(self, tensors: list, what: str) -> None:
         if self.world_size == 1 or not tensors:
             return
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
         groups: dict = {}
         for t in tensors:
             groups.setdefault((t.dtype, t.device), []).append(t)
         for group in groups.values():
             flat = torch._utils._flatten_dense_tensors([t.detach() for t in group])
-            dist.broadcast(flat, src, group=self.process_group)
+            self._wait(dist.broadcast(flat, self._rank0(), group=self.process_group, async_op=True),
+                       f"the broadcast of rank 0's {what}")
             for t, f in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
                 t.copy_(f)
 
     def _sync_module_states(self) -> None:
         """Every rank starts from rank 0's parameters and buffers."""
         params = list(self.module.parameters())  # also those that do not require grad
-        self._broadcast_from_rank0(params + list(self.module.buffers()))
+        self._broadcast_from_rank0(params + list(self.module.buffers()), "parameters and buffers")
 
     def _build_buckets(self, order: list) -> None:
         """(Re)creates the buckets, filling them with parameters in `order` (indices)."""
@@ -226,6 +237,13 @@ class BucketedDataParallel(nn.Module):
         for b in self._buckets:
             b.reset()
 
+    def _attach_overlap_optimizer(self, optimizer) -> None:
+        """Called by OverlappedOptimizer: from now on each bucket is stepped when reduced."""
+        if self._in_flight:
+            raise RuntimeError("BucketedDataParallel: attach an OverlappedOptimizer between "
+                               "iterations, not while gradients are being synchronized")
+        self.overlap_optimizer = optimizer
+
     # ------------------------------------------------------------------------- public
     @contextlib.contextmanager
     def no_sync(self):
@@ -240,7 +258,7 @@ class BucketedDataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.broadcast_buffers and self.world_size > 1:
-            self._broadcast_from_rank0(list(self.module.buffers()))
+            self._broadcast_from_rank0(list(self.module.buffers()), "buffers (broadcast_buffers)")
         if self._in_flight and torch.is_grad_enabled():
             # Its backward would accumulate into buffers whose all-reduce is still running.
             raise RuntimeError(f"BucketedDataParallel: forward with grad enabled while the previous "
@@ -260,8 +278,9 @@ class BucketedDataParallel(nn.Module):
 
     def finish_gradient_sync(self) -> None:
         """Waits for every bucket still in flight and writes the averaged gradients (casting
-        back from reduce_dtype, unpacking without views, stepping the overlap optimizer).
-        A no-op when nothing is in flight; optimizers call it before their step."""
+        back from reduce_dtype, unpacking without views, stepping the overlapped optimizer).
+        Backward calls it when it ends, so afterwards it is a no-op; it is public for code
+        that must be sure (and for symmetry with no_sync)."""
         if not self._in_flight:
             return
         if self._in_backward:
@@ -276,11 +295,12 @@ class BucketedDataParallel(nn.Module):
             self._finalize(bucket)
         self._next_finalize = len(self._buckets)
         if self._used_work is not None:
-            self._used_work.wait()
+            self._wait(self._used_work, "the all-reduce of the used-parameter map "
+                                        "(find_unused_parameters)")
             for i in torch.nonzero(self._used_map == 0).flatten().tolist():
                 self._params[i].grad = None  # unused on every rank: no gradient, as in DDP
         for bucket in self._deferred_steps:
-            self._step_bucket(bucket)  # the optimizer skips parameters whose grad is None
+            self.overlap_optimizer.step_bucket(bucket.index)  # skips params whose grad is None
         timeline = self._timeline
         if self.record_timeline:
             timeline.sync_end = time.perf_counter()
@@ -294,11 +314,13 @@ class BucketedDataParallel(nn.Module):
 
     def verify_replicas(self) -> None:
         """Raises if any rank's parameters differ from the others' (bit-exact checksums)."""
-        sums = torch.stack([_checksum(p.detach()) for p in self.module.parameters()])
+        sums = torch.stack([checksum(p.detach()) for p in self.module.parameters()])
         sums = sums.to(self.device)
         high, low = sums.clone(), sums.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.process_group)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.process_group)
+        self._wait(dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.process_group, async_op=True),
+                   "the all-reduce of the parameter checksums (verify_replicas)")
+        self._wait(dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.process_group, async_op=True),
+                   "the all-reduce of the parameter checksums (verify_replicas)")
         names = [n for n, _ in self.module.named_parameters()]
         bad = [names[i] for i in torch.nonzero(high != low).flatten().tolist()]
         if bad:
@@ -308,7 +330,7 @@ class BucketedDataParallel(nn.Module):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Finishes the sync, then clips the (identical on every rank) averaged gradients."""
         if self.overlap_optimizer is not None:
-            raise RuntimeError(_CLIP_REFUSAL)
+            raise RuntimeError(f"BucketedDataParallel.clip_grad_norm_: {CLIP_REFUSAL}")
         self.finish_gradient_sync()
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type)
 
@@ -339,6 +361,10 @@ class BucketedDataParallel(nn.Module):
         return True
 
     def _on_grad_ready(self, i: int) -> None:
+        if self._params[i].grad is not None and self._params[i].grad.layout != torch.strided:
+            raise RuntimeError(f"BucketedDataParallel: parameter '{self._names[i]}' received a "
+                               f"{self._params[i].grad.layout} gradient; only dense gradients can "
+                               "be bucketed (use sparse=False)")
         if self.gradient_as_bucket_view:
             self._adopt_grad(i)
         self._used[i] = True
@@ -385,7 +411,9 @@ class BucketedDataParallel(nn.Module):
             self._used_work = dist.all_reduce(self._used_map, group=self.process_group,
                                               async_op=True)
         self._used = [False] * len(self._params)
-        self._poll()
+        # Wait here, as torch DDP does, so that any optimizer (or clipping, or a check of the
+        # gradients) after backward sees the averaged gradients; the overlap happened above.
+        self.finish_gradient_sync()
 
     def _mark_absent_ready(self, i: int) -> None:
         """A parameter with no gradient from this backward: reduce what its .grad holds (an
@@ -427,7 +455,6 @@ class BucketedDataParallel(nn.Module):
             bucket_scale_([bucket.grads], self._prescale)
         bucket.work = dist.all_reduce(bucket.comm, op=self._reduce_op, group=self.process_group,
                                       async_op=True)
-        bucket.launched = True
         bucket.launch_time = launch
         if self.record_timeline and bucket.comm.device.type == "cpu":
             done = bucket.done_time
@@ -444,7 +471,7 @@ class BucketedDataParallel(nn.Module):
     def _finalize(self, bucket: Bucket) -> None:
         if bucket.finalized:
             return
-        bucket.work.wait()
+        self._wait(bucket.work, self._describe(bucket))
         if not self.gradient_as_bucket_view:
             bucket_unpack_(bucket.comm, [p.grad for p in bucket.params], 1.0)
         elif bucket.comm is not bucket.grads:
@@ -461,7 +488,13 @@ class BucketedDataParallel(nn.Module):
                 # at all) is known only once the used-map all-reduce is done.
                 self._deferred_steps.append(bucket)
             else:
-                self._step_bucket(bucket)
+                self.overlap_optimizer.step_bucket(bucket.index)
+
+    def _describe(self, bucket: Bucket) -> str:
+        names = bucket.names if len(bucket.names) <= 3 else bucket.names[:3] + ["..."]
+        return (f"the all-reduce of gradient bucket {bucket.index} of {len(self._buckets)} "
+                f"({len(bucket.params)} parameters: {', '.join(names)}; "
+                f"{bucket.comm.numel() * bucket.comm.element_size()} bytes)")
 
     # --------------------------------------------------------------- bucket rebuilding
     def _rebuild_buckets(self, ready_order: list) -> None:
@@ -472,8 +505,8 @@ class BucketedDataParallel(nn.Module):
         order = list(ready_order) + [i for i in reversed(range(len(self._params))) if i not in seen]
         order_t = torch.tensor(order, dtype=torch.int64, device=self.device)
         if self.world_size > 1:
-            src = dist.get_global_rank(self.process_group, 0) if self.process_group is not dist.group.WORLD else 0
-            dist.broadcast(order_t, src, group=self.process_group)
+            self._wait(dist.broadcast(order_t, self._rank0(), group=self.process_group, async_op=True),
+                       "the broadcast of rank 0's gradient order (bucket rebuild)")
         order = order_t.tolist()
         if order == self._order:
             return
@@ -481,96 +514,9 @@ class BucketedDataParallel(nn.Module):
         for b in self._buckets:
             b.reset()
         if self.overlap_optimizer is not None:
-            self._bucket_groups = [self._groups_for(b) for b in self._buckets]
-            self._sub_optimizers = [self._sub_optimizer(b) for b in self._buckets]
-
-    # ------------------------------------------------------------ overlapped optimizer
-    def _setup_overlap_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        for group in optimizer.param_groups:
-            for key in _CLIP_KEYS:
-                value = group.get(key, optimizer.defaults.get(key))
-                if value is not None and value is not False and value != 0:
-                    raise ValueError(f"{_CLIP_REFUSAL} (the optimizer has {key}={value})")
-        mine = {id(p) for p in self._params}
-        self._opt_index = {}
-        for g, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) in mine:
-                    self._opt_index[id(p)] = g
-        self._bucket_groups = [self._groups_for(b) for b in self._buckets]
-        self._sub_optimizers = [self._sub_optimizer(b) for b in self._buckets]
-        step_all = type(optimizer).step
-
-        def overlapped_step(closure=None):
-            if closure is not None:
-                raise ValueError("overlap_optimizer: step(closure) is not supported (the step "
-                                 "runs per bucket during backward)")
-            # Steps the buckets still in flight; the others were stepped already.
-            self.finish_gradient_sync()
-            return None
-
-        # The user's optimizer.step() only finishes the sync; the real steps are per bucket.
-        optimizer.step = overlapped_step
-        self._step_all = step_all
-
-    def _sub_optimizer(self, bucket: Bucket) -> torch.optim.Optimizer:
-        """A view of the optimizer that steps one bucket: the same `state` (so moments and step
-        counts are the optimizer's own) and `defaults`, its own param_groups (this bucket's
-        params), and empty per-instance dicts in place of the others: hooks, and caches keyed
-        by group index such as FusedAdamW's kernel plans, which must not be shared between
-        bucket subsets."""
-        opt = self.overlap_optimizer
-        # Not copy.copy: torch.optim.Optimizer's __getstate__ keeps only defaults, state and
-        # param_groups, dropping a subclass's own attributes (FusedAdamW.master_weights, ...).
-        sub = object.__new__(type(opt))
-        sub.__dict__.update(vars(opt))
-        for name, value in list(vars(sub).items()):
-            if isinstance(value, dict) and name not in ("state", "defaults"):
-                setattr(sub, name, type(value)())
-        return sub
-
-    def _groups_for(self, bucket: Bucket) -> list:
-        by_group: dict = {}
-        for p in bucket.params:
-            g = self._opt_index.get(id(p))
-            if g is not None:
-                by_group.setdefault(g, []).append(p)
-        return sorted(by_group.items())
-
-    def _step_bucket(self, bucket: Bucket) -> None:
-        global _IN_OVERLAP_STEP
-        groups = self._bucket_groups[bucket.index]
-        if not groups:
-            return
-        opt, sub = self.overlap_optimizer, self._sub_optimizers[bucket.index]
-        # Current hyperparameters (an LR scheduler may have changed them) with this bucket's params.
-        sub.param_groups = [{**opt.param_groups[g], "params": ps} for g, ps in groups]
-        _IN_OVERLAP_STEP = True
-        try:
-            self._step_all(sub)
-        finally:
-            _IN_OVERLAP_STEP = False
+            self.overlap_optimizer.rebuild()
 
 
 _AGAIN = ("Backward ran (or is about to run) again before the previous gradients were "
           "synchronized: call optimizer.step() (or model.finish_gradient_sync()) between "
           "backward passes, and accumulate micro-batches under model.no_sync().")
-_CLIP_REFUSAL = ("BucketedDataParallel(overlap_optimizer=...) cannot clip gradients: clipping "
-                 "needs the global gradient norm, known only after every bucket's all-reduce, "
-                 "while the overlapped optimizer steps each bucket as soon as it is reduced. "
-                 "Use overlap_optimizer=None, call model.clip_grad_norm_(max_norm) and then "
-                 "optimizer.step()")
-
-
-def _checksum(t: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
-    """An int64 checksum of the tensor's bits, position-weighted so permutations differ
-    (integer sums wrap exactly, so the result is independent of summation order). Works in
-    chunks so a large parameter needs little temporary memory."""
-    flat = t.contiguous().reshape(-1)
-    flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-    total = torch.zeros((), dtype=torch.int64, device=t.device)
-    for start in range(0, flat.numel(), chunk):
-        bits = flat[start:start + chunk].to(torch.int64)
-        weights = torch.arange(start, start + bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
-        total += (bits * weights).sum()
-    return total

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lmkernels.distributed import mesh as mesh_lib
 from lmkernels.distributed import tensor_parallel as tp_lib
+from lmkernels.distributed import tp_utils
 from lmkernels.models.gpt import GPT, GPTConfig
 from lmkernels.train import checkpoint as ckpt_lib
 from lmkernels.train.config import TrainConfig, to_dict, validate
@@ -257,7 +258,7 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
-                     tp_layout=tp_lib.shard_layout(model))
+                     tp_layout=tp_utils.shard_layout(model))
         waits.at(f"saving the checkpoint of iteration {it}")
         # a run from scratch replaces the checkpoints of any earlier run in out_dir at its first save
         keep = cfg.keep_checkpoints if last_saved is not None else 1
@@ -325,7 +326,7 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         if cfg.grad_clip > 0:
             waits.at(f"the gradient-norm all-reduce of iteration {it}")
             scaler.unscale_(optimizer)
-            tp_lib.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
+            tp_utils.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=ddp_model is model)
@@ -351,7 +352,7 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
             say(f"loss curve: {plot}")
     if cfg.sample_tokens > 0:
         waits.at("gathering the TP shards for the sample")
-        full = tp_lib.full_state_dict(model, mesh.tp_group)
+        full = tp_utils.full_state_dict(model, mesh.tp_group)
         if mesh.is_main:
             say("sample:\n" + sample_text(full, model_args, data.tokenizer, cfg.sample_tokens, device, cfg.seed))
     return records

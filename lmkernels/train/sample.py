@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     import torch  # (before lmkernels._C, which links against it)
     import lmkernels  # noqa: F401
-    from lmkernels.distributed.tensor_parallel import merge_shards
+    from lmkernels.distributed.tp_utils import merge_shards
     from lmkernels.train.checkpoint import load_all_shards
     from lmkernels.train.data import tokenizer_from_state
     from lmkernels.train.errors import USER_ERRORS
