@@ -262,7 +262,7 @@ class BucketedDataParallel(nn.Module):
         if self._in_flight and torch.is_grad_enabled():
             # Its backward would accumulate into buffers whose all-reduce is still running.
             raise RuntimeError(f"BucketedDataParallel: forward with grad enabled while the previous "
-                               f"backward's gradients are still being synchronized. {_AGAIN}")
+                               f"backward's buckets are still in flight. {_AGAIN}")
         syncing = self._require_sync and torch.is_grad_enabled()
         if syncing and self.record_timeline and not self._in_flight:
             self._timeline = StepTimeline(forward_start=time.perf_counter())
@@ -517,6 +517,6 @@ class BucketedDataParallel(nn.Module):
             self.overlap_optimizer.rebuild()
 
 
-_AGAIN = ("Backward ran (or is about to run) again before the previous gradients were "
-          "synchronized: call optimizer.step() (or model.finish_gradient_sync()) between "
-          "backward passes, and accumulate micro-batches under model.no_sync().")
+_AGAIN = ("The previous iteration's gradient synchronization has not finished (backward "
+          "normally finishes it as it ends; here it raised or was interrupted): see that error, "
+          "or call model.finish_gradient_sync() before the next forward.")

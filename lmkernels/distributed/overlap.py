@@ -14,8 +14,9 @@ share the OverlappedOptimizer's `state` dict (keyed by parameter, so each touche
 entries). BucketedDataParallel calls `step_bucket(index)` when a bucket's reduction finishes and
 `rebuild()` when it re-buckets; nothing is patched and no process-wide hook is installed.
 
-No gradient clipping: it needs the global gradient norm, known only after every bucket's
-all-reduce, while this optimizer steps each bucket as soon as it is reduced.
+No gradient clipping and no GradScaler: both need every bucket's gradients (the global norm,
+the inf check), known only after every all-reduce, while this optimizer steps each bucket as
+soon as it is reduced.
 """
 from typing import Any, Callable, Iterable, Optional
 
