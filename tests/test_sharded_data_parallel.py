@@ -1,0 +1,200 @@
+"""ShardedDataParallel + ShardedAdamW (ZeRO-1 / ZeRO-2) on gloo with 2 and 4 local processes.
+
+Against zero=0 (BucketedDataParallel + FusedAdamW, the same fused kernel on whole tensors):
+10 steps of 2 no_sync micro-batches with clipping, fp32. zero=1 runs the same all-reduce and
+the same kernel per element, so it must match bit for bit except for the clip coefficient,
+whose norm is summed in another order; zero=2's reduce-scatter sums in gloo's order. Both are
+held to a bound of a few fp32 ulps of the parameters' magnitude per step.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests._dist import run_distributed
+from tests.test_data_parallel import SEQ, VOCAB, TinyGPT, _Tower
+
+STEPS, MICRO, LOCAL_BATCH = 10, 2, 3
+
+
+def _groups(module):
+    decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+
+
+def _micro_batch(step, micro, rank, world):
+    g = torch.Generator().manual_seed(7919 * step + 31 * micro + rank)
+    idx = torch.randint(0, VOCAB, (LOCAL_BATCH, SEQ), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def _build(zero, dtype=torch.float32, seed=0, **kwargs):
+    from lmkernels.distributed import BucketedDataParallel, ShardedAdamW, ShardedDataParallel
+    from lmkernels.optim import FusedAdamW
+
+    torch.manual_seed(seed)
+    module = TinyGPT(unused_branch=False).to(dtype)
+    # small caps: several buckets, parameters straddling shard boundaries
+    caps = dict(bucket_cap_mb=0.004, first_bucket_cap_mb=0.001)
+    if zero == 0:
+        model = BucketedDataParallel(module, **caps, **kwargs)
+        opt = FusedAdamW(_groups(module), lr=3e-3, master_weights=dtype != torch.float32)
+    else:
+        model = ShardedDataParallel(module, zero=zero, **caps, **kwargs)
+        opt = ShardedAdamW(model, _groups(module), lr=3e-3)
+    return model, opt
+
+
+def _train(model, opt, steps, start=0, clip=0.05):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for step in range(start, start + steps):
+        for micro in range(MICRO):
+            idx, tgt = _micro_batch(step, micro, rank, world)
+            if micro < MICRO - 1:
+                with model.no_sync():
+                    model(idx, tgt).backward()
+            else:
+                loss = model(idx, tgt)
+                loss.backward()
+        norm = model.clip_grad_norm_(clip)  # small: clipping is active in every step
+        opt.step()
+        opt.zero_grad()
+        losses.append((loss.item(), norm.item()))
+    return losses
+
+
+def _params(model):
+    if hasattr(model, "wait_param_gather"):
+        model.wait_param_gather()
+    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
+
+
+def _compare_with_zero0():
+    out = {}
+    model0, opt0 = _build(0)
+    losses0 = _train(model0, opt0, STEPS)
+    ref = _params(model0)
+    ref_state = opt0.state_dict()
+    for zero in (1, 2):
+        model, opt = _build(zero)
+        losses = _train(model, opt, STEPS)
+        got = _params(model)
+        worst = 0.0
+        for name, r in ref.items():
+            # per step, a few ulps of the parameter's magnitude (clip coefficient rounding)
+            bound = 4 * STEPS * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
+            err = (got[name] - r).abs().max().item()
+            assert err <= bound, (zero, name, err, bound)
+            worst = max(worst, err)
+        for (l0, n0), (l, n) in zip(losses0, losses):
+            assert abs(n - n0) <= 1e-5 * n0, (zero, n, n0)  # clipping norm = the unsharded one
+        # the consolidated optimizer state matches FusedAdamW's (same layout, same values)
+        state = opt.consolidated_state_dict()
+        assert set(state["state"]) == set(ref_state["state"]), zero
+        for k, s in ref_state["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(state["state"][k][key], s[key], rtol=1e-4, atol=1e-7)
+            assert float(state["state"][k]["step"]) == float(s["step"]) == STEPS
+        out[zero] = worst
+    return out
+
+
+def _bf16_matches_fused_adamw_master():
+    """bf16 parameters on the wire, fp32 master and moments on the shard, reduce in fp32."""
+    model0, opt0 = _build(0, torch.bfloat16, reduce_dtype=torch.float32)
+    _train(model0, opt0, 3)
+    ref = _params(model0)
+    for zero in (1, 2):
+        model, opt = _build(zero, torch.bfloat16, reduce_dtype=torch.float32)
+        _train(model, opt, 3)
+        got = _params(model)
+        for name, r in ref.items():
+            diff = (got[name].float() - r.float()).abs()
+            ulp = torch.finfo(torch.bfloat16).eps * r.float().abs().clamp(min=1e-3)
+            # bf16 rounding of the same fp32 master: at most one bf16 ulp apart
+            assert (diff <= 2 * ulp + 1e-6).all(), (zero, name, diff.max().item())
+        sd = opt.consolidated_state_dict()
+        ref_sd = opt0.state_dict()
+        for k, s in ref_sd["state"].items():
+            torch.testing.assert_close(sd["state"][k]["master_param"], s["master_param"],
+                                       rtol=1e-3, atol=1e-5)
+    return True
+
+
+def _bytes(zero):
+    model, opt = _build(zero)
+    _train(model, opt, 1)
+    return {**model.memory_bytes(), **opt.memory_bytes(),
+            "numel": sum(p.numel() for p in model.module.parameters() if p.requires_grad)}
+
+
+def _overlap_evidence(seconds=0.5):
+    """zero=2: the upper layers' buckets are reduce-scattered before the backward of the layers
+    below them begins, and complete while it runs."""
+    from lmkernels.distributed import ShardedAdamW, ShardedDataParallel
+
+    marks: dict = {}
+    model = ShardedDataParallel(_Tower(seconds, marks), zero=2, bucket_cap_mb=0, first_bucket_cap_mb=0)
+    opt = ShardedAdamW(model, lr=1e-3)
+    upper = {f"upper.{n}" for n, _ in model.module.upper.named_parameters()}
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(dist.get_rank()))
+    upper_buckets = [i for i, names in enumerate(model.bucket_layout) if set(names) <= upper]
+    assert len(upper_buckets) == 8, model.bucket_layout
+
+    marks["until"] = lambda: True  # the slow backward lasts `seconds`
+    report = []
+    for step in range(2):
+        model(x).backward()
+        events = {b.index: b for b in model.last_timeline.buckets}
+        early = [i for i in upper_buckets if events[i].launch < marks["slow_start"]]
+        # launched before the lower layers' backward began (gloo's reduce-scatter work does not
+        # report completion before wait(), so the launch is the evidence)
+        assert early == upper_buckets, (step, early)
+        assert all(p.grad is None for p in model.module.parameters()), "zero=2 kept full grads"
+        opt.step()
+        report.append(len(early))
+    return report
+
+
+def _run2():
+    return {"compare": _compare_with_zero0(), "bf16": _bf16_matches_fused_adamw_master(),
+            "bytes": {z: _bytes(z) for z in (1, 2)}, "overlap": _overlap_evidence()}
+
+
+def _run4():
+    return {"bytes": {z: _bytes(z) for z in (1, 2)}}
+
+
+def _run1():
+    return {"bytes": {z: _bytes(z) for z in (1, 2)}}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_distributed(_run2, 2, timeout=240)
+
+
+def test_zero1_and_zero2_match_zero0_with_no_sync_and_clipping(world2):
+    for r in world2:
+        assert set(r["compare"]) == {1, 2}
+        assert r["bf16"] is True
+
+
+def test_zero2_reduce_scatter_starts_before_backward_ends(world2):
+    assert [r["overlap"] for r in world2] == [[8, 8], [8, 8]]
+
+
+def test_sharded_bytes_per_rank_fall_as_one_over_d(world2):
+    world1 = run_distributed(_run1, 1, timeout=120)
+    world4 = run_distributed(_run4, 4, timeout=180)
+    by_d = {1: world1[0]["bytes"], 2: world2[0]["bytes"], 4: world4[0]["bytes"]}
+    numel = by_d[1][1]["numel"]
+    for d, b in by_d.items():
+        for zero in (1, 2):
+            # fp32: 4 (params) + 4 (grads: full for zero=1) + 8/d (moments), within padding
+            ideal_opt = 8 * numel / d
+            assert ideal_opt <= b[zero]["opt_state_bytes"] <= 1.05 * ideal_opt, (d, zero, b[zero])
+            assert 4 * numel <= b[zero]["param_bytes"] <= 1.05 * 4 * numel
+        assert 4 * numel <= b[1]["grad_bytes"] <= 1.05 * 4 * numel
+        assert 4 * numel / d <= b[2]["grad_bytes"] <= 1.05 * 4 * numel / d, (d, b[2])
