@@ -6,6 +6,8 @@ the same kernel per element, so it must match bit for bit except for the clip co
 whose norm is summed in another order; zero=2's reduce-scatter sums in gloo's order. Both are
 held to a bound of a few fp32 ulps of the parameters' magnitude per step.
 """
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,22 +159,74 @@ def _overlap_evidence(seconds=0.5):
     return report
 
 
+def _to_bytes(obj) -> bytes:
+    # tensors through the result queue would travel as shared memory the exiting child owns
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _reshard_source():
+    model, opt = _build(2)
+    _train(model, opt, 3)
+    return _to_bytes({"shard": opt.shard_state_dict(), "params": model.state_dict()})
+
+
+def _reshard_target(consolidated, params):
+    """Loads a consolidated state saved at d=2 here (any d) with zero=1 and 2; the state
+    re-consolidated from this run's shards must be bit-identical, and so must the params."""
+    for zero in (1, 2):
+        model, opt = _build(zero, seed=99)  # other initial weights: everything must come from the load
+        model.module.load_state_dict({k[len("module."):]: v for k, v in params.items()})
+        opt.load_state_dict(consolidated)
+        again = opt.consolidated_state_dict()
+        assert again["param_groups"] == consolidated["param_groups"]
+        assert set(again["state"]) == set(consolidated["state"])
+        for k, s in consolidated["state"].items():
+            for key, value in s.items():
+                assert torch.equal(again["state"][k][key], value), (zero, k, key)
+        for name, p in model.state_dict().items():
+            assert torch.equal(p, params[name]), (zero, name)
+        _train(model, opt, 1)  # and it trains on
+    return True
+
+
 def _run2():
     return {"compare": _compare_with_zero0(), "bf16": _bf16_matches_fused_adamw_master(),
-            "bytes": {z: _bytes(z) for z in (1, 2)}, "overlap": _overlap_evidence()}
+            "bytes": {z: _bytes(z) for z in (1, 2)}, "overlap": _overlap_evidence(),
+            "reshard": _reshard_source()}
 
 
-def _run4():
-    return {"bytes": {z: _bytes(z) for z in (1, 2)}}
-
-
-def _run1():
-    return {"bytes": {z: _bytes(z) for z in (1, 2)}}
+def _run_other(saved):
+    consolidated, params = _from_bytes(saved)
+    return {"bytes": {z: _bytes(z) for z in (1, 2)}, "reshard": _reshard_target(consolidated, params)}
 
 
 @pytest.fixture(scope="module")
 def world2():
     return run_distributed(_run2, 2, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def saved_at_2(world2):
+    from lmkernels.distributed.sharded_adamw import consolidate
+
+    saved = [_from_bytes(r["reshard"]) for r in world2]
+    return _to_bytes((consolidate([s["shard"] for s in saved]), saved[0]["params"]))
+
+
+@pytest.fixture(scope="module")
+def world1(saved_at_2):
+    return run_distributed(_run_other, 1, args=(saved_at_2,), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def world4(saved_at_2):
+    return run_distributed(_run_other, 4, args=(saved_at_2,), timeout=180)
 
 
 def test_zero1_and_zero2_match_zero0_with_no_sync_and_clipping(world2):
@@ -185,9 +239,24 @@ def test_zero2_reduce_scatter_starts_before_backward_ends(world2):
     assert [r["overlap"] for r in world2] == [[8, 8], [8, 8]]
 
 
-def test_sharded_bytes_per_rank_fall_as_one_over_d(world2):
-    world1 = run_distributed(_run1, 1, timeout=120)
-    world4 = run_distributed(_run4, 4, timeout=180)
+def test_resharding_2_to_1_and_4_restores_the_state_bit_identically(saved_at_2, world1, world4):
+    assert [r["reshard"] for r in world1 + world4] == [True] * 5
+    # FusedAdamW (zero=0) loads the consolidated state too, bit for bit
+    from lmkernels.optim import FusedAdamW
+
+    consolidated, params = _from_bytes(saved_at_2)
+    torch.manual_seed(0)
+    module = TinyGPT(unused_branch=False)
+    module.load_state_dict({k[len("module."):]: v for k, v in params.items()})
+    opt = FusedAdamW(_groups(module), lr=3e-3)
+    opt.load_state_dict(consolidated)
+    back = opt.state_dict()
+    for k, s in consolidated["state"].items():
+        for key, value in s.items():
+            assert torch.equal(back["state"][k][key], value), (k, key)
+
+
+def test_sharded_bytes_per_rank_fall_as_one_over_d(world1, world2, world4):
     by_d = {1: world1[0]["bytes"], 2: world2[0]["bytes"], 4: world4[0]["bytes"]}
     numel = by_d[1][1]["numel"]
     for d, b in by_d.items():

@@ -222,7 +222,7 @@ def consolidate(shard_dicts: list) -> dict:
             if full["master"] is not None:
                 entry["master_param"] = full["master"][o:o + n].reshape(shape).clone()
             per_name[name] = entry
-    state, groups, index = {}, [], 0
+    state, groups, names_out, index = {}, [], [], 0
     for g, (hyper, names) in enumerate(zip(first["param_groups"], first["group_names"])):
         ids = []
         for name in names:
@@ -230,5 +230,8 @@ def consolidate(shard_dicts: list) -> dict:
                 state[index] = {"step": torch.tensor(float(first["steps"][g])), **per_name[name]}
             ids.append(index)
             index += 1
-        groups.append({**hyper, "params": ids, "param_names": list(names)})
-    return {"state": state, "param_groups": groups}
+        groups.append({**hyper, "params": ids})
+        names_out.append(list(names))
+    # the names sit outside param_groups: torch's Optimizer.load_state_dict checks a group's
+    # "param_names" against its own
+    return {"state": state, "param_groups": groups, "param_names": names_out}

@@ -161,26 +161,39 @@ class ShardedDataParallel(BucketedDataParallel):
 
     # ------------------------------------------------------------- clipping
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clips the gradient shards by the global norm (computed from the shards with one
-        all-reduce of a scalar; equal to the norm of the full averaged gradients). Returns the
-        norm before clipping, as torch.nn.utils.clip_grad_norm_ does."""
-        if norm_type not in (2, 2.0, float("inf")):
-            raise ValueError(f"ShardedDataParallel.clip_grad_norm_: norm_type must be 2 or inf; "
-                             f"got {norm_type!r}")
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, tp_group=None) -> torch.Tensor:
+        """Clips the gradient shards by the global 2-norm, computed from the shards with one
+        all-reduce of the squared sums over the DP group (and, with tp_group, one over the TP
+        group for the TP-sharded parameters; replicated ones count once). Equal to the norm of
+        the full averaged gradients; returns it, as torch.nn.utils.clip_grad_norm_ does."""
+        if norm_type not in (2, 2.0):
+            raise ValueError(f"ShardedDataParallel.clip_grad_norm_: only the 2-norm is supported; "
+                             f"got norm_type={norm_type!r}")
         self.finish_gradient_sync()
-        grads = [s.grad for s in self._shards]
-        if norm_type == float("inf"):
-            local = torch.stack([g.abs().max().float() for g in grads]).max()
-            op = dist.ReduceOp.MAX
-        else:
-            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
-            op = dist.ReduceOp.SUM
-        self._wait(dist.all_reduce(local, op=op, group=self.process_group, async_op=True),
+        from lmkernels.distributed.tp_utils import is_tp_sharded
+
+        sharded, replicated = [], []
+        for bucket, shard in zip(self._buckets, self._shards):
+            for o, p in zip(bucket.offsets, bucket.params):
+                a, b = max(o, shard.lo), min(o + p.numel(), shard.hi)
+                if a < b:
+                    piece = shard.grad[a - shard.lo:b - shard.lo]
+                    (sharded if tp_group is not None and is_tp_sharded(p) else replicated).append(piece)
+
+        def sum_sq(gs):
+            if not gs:
+                return torch.zeros((), dtype=torch.float32, device=self.device)
+            return torch.stack([n.float() for n in torch._foreach_norm(gs, 2.0)]).square().sum()
+
+        sums = torch.stack([sum_sq(sharded), sum_sq(replicated)])
+        self._wait(dist.all_reduce(sums, group=self.process_group, async_op=True),
                    "the all-reduce of the gradient norm (clip_grad_norm_)")
-        total = local if norm_type == float("inf") else local.sqrt()
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(sums[:1], group=tp_group)
+        total = sums.sum().sqrt()
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype) if grads[0].dtype != torch.float32 else coef)
+        grads = [s.grad for s in self._shards]
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return total
 
     # ---------------------------------------------------- parameter all-gather
