@@ -267,3 +267,53 @@ def test_sharded_bytes_per_rank_fall_as_one_over_d(world1, world2, world4):
             assert 4 * numel <= b[zero]["param_bytes"] <= 1.05 * 4 * numel
         assert 4 * numel <= b[1]["grad_bytes"] <= 1.05 * 4 * numel
         assert 4 * numel / d <= b[2]["grad_bytes"] <= 1.05 * 4 * numel / d, (d, b[2])
+
+
+# ----------------------------------------------------------------------------- the trainer
+TRAIN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradient_accumulation_steps=2,
+             eval_interval=2, eval_iters=1, log_interval=2, warmup_iters=1, lr_decay_iters=8,
+             sample_tokens=0, zero=2)
+
+
+def _trainer_zero2(text_path, cache_dir, out_dir):
+    """--zero=2 on 2 ranks: a straight run, and a run stopped at 4 and resumed, give the same
+    losses; the checkpoint holds one optimizer file per DP rank."""
+    from lmkernels.train import TrainConfig, train
+
+    common = dict(TRAIN, data=[text_path], data_cache=cache_dir)
+    straight = train(TrainConfig(**common, max_iters=6, out_dir=f"{out_dir}/straight"))
+    train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/resumed"))
+    resumed = train(TrainConfig(**common, max_iters=6, out_dir=f"{out_dir}/resumed", init_from="resume"))
+    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[4:]]
+    assert [r["iter"] for r in resumed] == [4, 5] and got == want, (got, want)
+    return True
+
+
+def test_trainer_zero2_resumes_exactly_and_at_one_rank(tmp_path):
+    import json
+
+    from lmkernels.train import TrainConfig, train
+    from lmkernels.train import checkpoint as ckpt_lib
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(300)))
+    args = (str(text), str(tmp_path / "cache"), str(tmp_path))
+    assert run_distributed(_trainer_zero2, 2, args=args, timeout=180) == [True, True]
+    newest = ckpt_lib.latest_checkpoint(tmp_path / "resumed")
+    assert sorted(p.name for p in newest.iterdir()) == [
+        "manifest.json", "tp0-of-1.optim-dp0-of-2.pt", "tp0-of-1.optim-dp1-of-2.pt", "tp0-of-1.pt"]
+    saved = ckpt_lib.load_checkpoint(tmp_path / "resumed")  # the optimizer files merged
+    # metrics: per-rank bytes, the sharded optimizer state halved (moments only: 8 bytes / 2)
+    memory = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    memory = [m for m in memory if m["kind"] == "memory"]
+    assert memory and all(len(m["ranks"]) == 2 and m["zero"] == 2 for m in memory)
+    assert saved["optimizer"]["state"] and saved["optimizer"] is not None
+    for r in memory[-1]["ranks"]:
+        numel = r["param_bytes"] / 4  # fp32, padded
+        assert 8 * numel / 2 == r["opt_state_bytes"] and r["grad_bytes"] == 4 * numel / 2, r
+        assert r["peak_rss_bytes"] > 0, r
+    # 2 -> 1: one process resumes the 2-rank checkpoint (no sharding at d=1: FusedAdamW loads the
+    # consolidated state) and trains on
+    one = train(TrainConfig(**dict(TRAIN, data=[str(text)], data_cache=str(tmp_path / "cache")),
+                            max_iters=8, out_dir=str(tmp_path / "resumed"), init_from="resume"))
+    assert [r["iter"] for r in one] == [6, 7] and all(r["loss"] < 10 for r in one)
