@@ -201,9 +201,38 @@ def _run2():
             "reshard": _reshard_source()}
 
 
+def _errors():
+    """Bad arguments name the argument and what was given."""
+    from torch import nn
+
+    from lmkernels.distributed import OverlappedOptimizer, ShardedAdamW, ShardedDataParallel
+
+    def expect(fn, exc, *words):
+        with pytest.raises(exc) as info:
+            fn()
+        assert all(w in str(info.value) for w in words), (words, str(info.value))
+
+    lin = lambda: nn.Linear(4, 3)  # noqa: E731
+    expect(lambda: ShardedDataParallel(lin(), zero=3), ValueError, "zero", "3")
+    expect(lambda: ShardedDataParallel(lin(), zero=True), ValueError, "zero", "True")
+    expect(lambda: ShardedDataParallel(lin(), gather_params="never"), ValueError, "gather_params", "never")
+    expect(lambda: ShardedDataParallel(lin(), find_unused_parameters=True), ValueError,
+           "find_unused_parameters")
+    model = ShardedDataParallel(lin(), zero=2)
+    expect(lambda: ShardedAdamW(lin()), TypeError, "ShardedDataParallel", "Linear")
+    expect(lambda: ShardedAdamW(model, [model.module.weight]), ValueError, "missing", "bias")
+    expect(lambda: ShardedAdamW(model, [nn.Parameter(torch.ones(2))]), ValueError, "not one of the model")
+    expect(lambda: ShardedAdamW(model, lr=-1.0), ValueError, "learning rate", "-1.0")
+    expect(lambda: OverlappedOptimizer(model, torch.optim.AdamW), ValueError, "ShardedAdamW")
+    expect(lambda: model.clip_grad_norm_(1.0, norm_type=1), ValueError, "norm_type", "1")
+    expect(lambda: ShardedAdamW(model).state_dict(), RuntimeError, "shard_state_dict")
+    return True
+
+
 def _run_other(saved):
     consolidated, params = _from_bytes(saved)
-    return {"bytes": {z: _bytes(z) for z in (1, 2)}, "reshard": _reshard_target(consolidated, params)}
+    return {"bytes": {z: _bytes(z) for z in (1, 2)}, "reshard": _reshard_target(consolidated, params),
+            "errors": _errors()}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +270,7 @@ def test_zero2_reduce_scatter_starts_before_backward_ends(world2):
 
 def test_resharding_2_to_1_and_4_restores_the_state_bit_identically(saved_at_2, world1, world4):
     assert [r["reshard"] for r in world1 + world4] == [True] * 5
+    assert [r["errors"] for r in world1 + world4] == [True] * 5
     # FusedAdamW (zero=0) loads the consolidated state too, bit for bit
     from lmkernels.optim import FusedAdamW
 
@@ -317,3 +347,27 @@ def test_trainer_zero2_resumes_exactly_and_at_one_rank(tmp_path):
     one = train(TrainConfig(**dict(TRAIN, data=[str(text)], data_cache=str(tmp_path / "cache")),
                             max_iters=8, out_dir=str(tmp_path / "resumed"), init_from="resume"))
     assert [r["iter"] for r in one] == [6, 7] and all(r["loss"] < 10 for r in one)
+
+
+def _trainer_zero1_tp2(text_path, cache_dir, out_dir):
+    """--zero=1 --tp=2 on 4 processes (DP 2 x TP 2): the sharding runs over the DP group, the
+    clipping norm over DP and TP; a resumed run repeats the straight run's losses."""
+    from lmkernels.train import TrainConfig, train
+
+    common = dict(TRAIN, data=[text_path], data_cache=cache_dir, zero=1, tp=2, gradient_accumulation_steps=1)
+    straight = train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/straight"))
+    train(TrainConfig(**common, max_iters=2, out_dir=f"{out_dir}/resumed"))
+    resumed = train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/resumed", init_from="resume"))
+    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[2:]]
+    assert [r["iter"] for r in resumed] == [2, 3] and got == want, (got, want)
+    return True
+
+
+def test_trainer_zero1_with_tp2_resumes_exactly(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(300)))
+    args = (str(text), str(tmp_path / "cache"), str(tmp_path))
+    assert run_distributed(_trainer_zero1_tp2, 4, args=args, timeout=240) == [True] * 4
+    newest = sorted((tmp_path / "resumed" / "ckpt").glob("iter-*"))[-1]
+    assert sorted(p.name for p in newest.iterdir()) == sorted(["manifest.json", "tp0-of-2.pt", "tp1-of-2.pt"] + [
+        f"tp{t}-of-2.optim-dp{d}-of-2.pt" for t in range(2) for d in range(2)])

@@ -106,6 +106,10 @@ class ShardedDataParallel(BucketedDataParallel):
         self._shards.append(Shard(lo, lo + s, flat, grad))
         return bucket
 
+    def _attach_overlap_optimizer(self, optimizer) -> None:
+        raise ValueError("ShardedDataParallel: an OverlappedOptimizer steps whole parameters per "
+                         "bucket; the sharded model is stepped by ShardedAdamW(model, ...)")
+
     @property
     def shards(self) -> list:
         """Per bucket (in launch order): this rank's Shard."""
