@@ -248,16 +248,17 @@ def _training(steps=4):
                    else cls(groups, lr=1e-2, **kwargs))
             models.append(m)
             opts.append(opt)
+        # An LR schedule reaches the bucket optimizers; a state_dict reload keeps the state.
+        schedules = [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.3) for opt in opts]
         for step in range(4):
-            if step == 2:  # an LR change reaches the bucket optimizers; a reload keeps state
-                for opt in opts:
-                    opt.param_groups[0]["lr"] = 3e-3
+            if step == 2:
                 opts[1].load_state_dict(copy.deepcopy(opts[1].state_dict()))
             idx, tgt = _batch(step, 4 * world)
-            for m, opt in zip(models, opts):
+            for m, opt, schedule in zip(models, opts, schedules):
                 opt.zero_grad()
                 m(_shard(idx, rank, world), _shard(tgt, rank, world)).backward()
                 opt.step()
+                schedule.step()
             for (n, p), q in zip(models[0].module.named_parameters(), models[1].module.parameters()):
                 assert torch.equal(p, q), f"{cls.__name__} step {step}: overlapped != plain at {n}"
         assert torch.equal(models[1].module.unused.weight, base.unused.weight)  # never stepped
@@ -499,7 +500,7 @@ def _mismatch_and_timeout():
     return errors
 
 
-# Two spawned runs serve all the distributed tests below (process start-up dominates).
+# The spawned runs below are shared by several tests each (process start-up dominates).
 WORLD3_CASES = ["one param per bucket", "no_sync accumulation", "bf16 on the wire"]
 
 
@@ -618,6 +619,8 @@ def _nccl_world1():
         ours = BucketedDataParallel(model, bucket_cap_mb=0.004, first_bucket_cap_mb=0.001,
                                     find_unused_parameters=True, reduce_dtype=reduce_dtype)
         assert ours._reduce_op == dist.ReduceOp.AVG and ours._prescale == 1.0  # NCCL averages
+        with pytest.raises(ValueError, match="init_process_group"):
+            BucketedDataParallel(TinyGPT().cuda(), timeout=5)
         for step in range(2):  # the second on the rebuilt buckets
             ours.zero_grad()
             ours(idx, tgt).backward()

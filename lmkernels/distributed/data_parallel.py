@@ -76,8 +76,8 @@ class BucketedDataParallel(nn.Module):
     that get no gradient (otherwise an error names them). gradient_as_bucket_view: `.grad` are
     views of the buckets (no copies); False packs and unpacks with the multi-tensor ops.
     timeout: seconds (or a timedelta) any wait on a collective may take before it raises;
-    default: the process group's timeout (init_process_group(timeout=...)). On NCCL the
-    group's own watchdog enforces its timeout. record_timeline: keep a cheap per-step record
+    default: the process group's timeout (init_process_group(timeout=...)). On NCCL only the
+    group's timeout applies (its watchdog enforces it), so timeout= is refused. record_timeline: keep a cheap per-step record
     (see `last_timeline`). To step the optimizer per bucket during backward, wrap the model and
     then build an `OverlappedOptimizer(model, ...)`.
     """
@@ -131,6 +131,11 @@ class BucketedDataParallel(nn.Module):
         self.device = self._check_device()
         self._backend = (comm.backend_devices(self.process_group) or {}).get(self.device.type)
         self.timeout = comm.as_timeout(timeout) or comm.group_timeout(self.process_group, self.device)
+        if timeout is not None and self._backend == "nccl":
+            # A host-side timeout would make every NCCL wait block the host (no overlap).
+            raise ValueError(f"BucketedDataParallel: timeout={timeout!r} cannot apply to NCCL "
+                             "waits; set it for the whole group with "
+                             "dist.init_process_group(timeout=...), which NCCL's watchdog enforces")
         # NCCL averages inside the reduction; gloo has no AVG, so we pre-scale by 1/world.
         averages = comm.averages_in_reduction(self._backend)
         self._reduce_op = dist.ReduceOp.AVG if averages else dist.ReduceOp.SUM

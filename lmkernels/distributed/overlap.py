@@ -4,7 +4,7 @@ optimizer runs while backward is still computing the earlier layers' gradients.
     model = BucketedDataParallel(GPT(cfg))
     opt = OverlappedOptimizer(model, FusedAdamW, lr=3e-4, weight_decay=0.1)   # or param groups
     loss = model(x, y); loss.backward()   # each bucket is stepped when its reduction is done
-    opt.step()                            # finishes anything still in flight (usually nothing)
+    opt.step()                            # a no-op: backward ended with every bucket stepped
 
 Design: the OverlappedOptimizer is a torch.optim.Optimizer over the user's parameter groups (so
 param_groups, state, state_dict, load_state_dict, zero_grad and LR schedulers work as usual),
@@ -112,8 +112,8 @@ class OverlappedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------- for the user
     @torch.no_grad()
     def step(self, closure=None):
-        """Finishes the gradient sync: buckets still in flight are waited for and stepped.
-        Buckets reduced during backward were stepped then."""
+        """Every bucket was stepped during backward (the last ones as it ended), so this is a
+        no-op after a normal backward; it finishes a sync that did not complete there."""
         if closure is not None:
             raise ValueError("OverlappedOptimizer.step(closure) is not supported: each bucket is "
                              "stepped during backward")
