@@ -61,7 +61,9 @@ class ShardedDataParallel(BucketedDataParallel):
 
     gather_params: "forward" (default) waits for each bucket's parameter all-gather in a
     forward pre-hook of the modules that use it; "step" waits for all of them at the end of
-    the optimizer step. Other arguments: as BucketedDataParallel (find_unused_parameters and
+    the optimizer step. With "forward", code that reads a parameter outside the forward of the
+    module that owns it (a functional use in a parent's forward, an export) must call
+    wait_param_gather() first (state_dict() does). Other arguments: as BucketedDataParallel (find_unused_parameters and
     gradient_as_bucket_view are decided here: every parameter must get a gradient)."""
 
     def __init__(self, module, process_group=None, *, zero: int = 1,
