@@ -63,24 +63,36 @@ class Bucket:
         self.done_time = []
 
 
+def padded_numel(numel: int, shards: int, element_size: int, align_bytes: int = 16) -> int:
+    """The smallest size >= numel that splits into `shards` equal shards, each a multiple of
+    align_bytes (so every rank's shard has the same size and starts 16-byte aligned)."""
+    per_shard_multiple = max(1, align_bytes // element_size)
+    shard = -(-numel // shards)
+    shard = -(-shard // per_shard_multiple) * per_shard_multiple
+    return shard * shards
+
+
 def make_bucket(index: int, params: list[torch.Tensor], names: list[str],
-                reduce_dtype: Optional[torch.dtype], as_view: bool) -> Bucket:
+                reduce_dtype: Optional[torch.dtype], as_view: bool, shards: int = 1) -> Bucket:
     """Allocates the bucket's buffers. With `as_view` the current gradients are copied in and
-    the parameters' `.grad` become views of the buffer."""
+    the parameters' `.grad` become views of the buffer. shards > 1 pads the buffers (with
+    zeros, after the last parameter) to padded_numel(..., shards, ...) for sharded data
+    parallel; the packed buffer without views is never padded (it holds exactly the grads)."""
     dtype, device = params[0].dtype, params[0].device
     offsets, total = [], 0
     for p in params:
         offsets.append(total)
         total += p.numel()
+    padded = total if shards == 1 else padded_numel(total, shards, dtype.itemsize)
     wire = reduce_dtype or dtype
     if not as_view:  # gradients stay autograd's tensors: only the buffer they are packed into
         comm = torch.empty(total, dtype=wire, device=device)
         bucket = Bucket(index, params, names, comm, comm, [], offsets)
         bucket.reset()
         return bucket
-    grads = torch.zeros(total, dtype=dtype, device=device)
+    grads = torch.zeros(padded, dtype=dtype, device=device)
     views = [grads[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
-    comm = grads if wire == dtype else torch.empty(total, dtype=wire, device=device)
+    comm = grads if wire == dtype else torch.zeros(padded, dtype=wire, device=device)
     with torch.no_grad():
         for p, v in zip(params, views):
             if p.grad is not None:

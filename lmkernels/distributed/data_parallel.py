@@ -224,10 +224,13 @@ class BucketedDataParallel(nn.Module):
             for slot, i in enumerate(idx):
                 self._bucket_of[i] = b
                 self._slot_of[i] = slot
-            self._buckets.append(make_bucket(b, [self._params[i] for i in idx],
-                                             [self._names[i] for i in idx], self.reduce_dtype,
-                                             self.gradient_as_bucket_view))
+            self._buckets.append(self._make_bucket(b, [self._params[i] for i in idx],
+                                                   [self._names[i] for i in idx]))
         self._order = list(order)
+
+    def _make_bucket(self, index: int, params: list, names: list) -> Bucket:
+        """One bucket's buffers (ShardedDataParallel pads them to equal shards)."""
+        return make_bucket(index, params, names, self.reduce_dtype, self.gradient_as_bucket_view)
 
     def _reset_iteration(self) -> None:
         self._ready = [False] * len(self._params)

@@ -17,7 +17,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from lmkernels.ops._common import resolve_backend
 from lmkernels.reference.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 from lmkernels.triton import fused_linear_cross_entropy as kernels
 
@@ -188,9 +187,10 @@ def fused_linear_cross_entropy(
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
             compute_dtype=torch.float32)
         return (loss, z) if return_z else loss
-    which = resolve_backend(_OP, backend, hidden.device, prefer_cuda_cpp=False)
-    if which == "cuda":
-        raise ValueError(f"{_OP}: there is no CUDA C++ kernel; use backend='triton' or 'auto'")
+    # TEMPORARY (being moved to the one-schema pattern): CPU tensors -> C++, else Triton.
+    if backend not in ("auto", "cpu", "triton"):
+        raise ValueError(f"{_OP}: backend must be 'auto', 'cpu', 'triton' or 'reference'; got {backend!r}")
+    which = "cpu" if hidden.device.type == "cpu" and backend != "triton" else "triton"
     op = (torch.ops.lmkernels.fused_linear_cross_entropy_fwd if which == "cpu"
           else torch.ops.lmkernels.fused_linear_cross_entropy_fwd_triton)
     needs_grad = torch.is_grad_enabled() and any(

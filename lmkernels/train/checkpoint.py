@@ -9,7 +9,10 @@ Save: the shards go into ckpt/iter-N.tmp/ (each file itself as a temp file + os.
 reading it back), the ranks exchange the hashes, rank 0 writes the manifest, renames the directory
 and only then points `latest` at it (temp file + os.replace), and prunes old checkpoints last. A
 crash anywhere before the pointer moves leaves `latest` pointing at the previous, complete one.
-DP rank 0 of each TP group writes its shard; out_dir must be shared by all ranks.
+DP rank 0 of each TP group writes its shard; out_dir must be shared by all ranks. With zero=1/2
+every DP rank also writes its optimizer shard (tp0-of-2.optim-dp1-of-4.pt, listed in the manifest
+with optimizer_dp_size); loading merges them into one consolidated optimizer state, so a run
+resumes at any DP size (and any zero stage).
 Load: the checkpoint `latest` names, else (damaged shard, missing manifest, empty or dangling
 `latest`) the newest older one that verifies, with a warning naming the bad file. Every rank
 checks the shard it needs and the ranks agree, so all of them resume from the same iteration.
@@ -118,9 +121,16 @@ def _complete_checkpoints(root: Path) -> list:
                   key=_iteration, reverse=True)
 
 
-def save_checkpoint(out_dir, iter_num: int, state: dict, mesh, keep: int = 2) -> Path:
+def optimizer_shard_name(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int) -> str:
+    return f"tp{tp_rank}-of-{tp_size}.optim-dp{dp_rank}-of-{dp_size}.pt"
+
+
+def save_checkpoint(out_dir, iter_num: int, state: dict, mesh, keep: int = 2,
+                    optimizer_shard: dict = None) -> Path:
     """Saves this rank's `state` (model shard, optimizer shard, counters, config) as part of
-    checkpoint iter_num and keeps the newest `keep` checkpoints. Every rank of the mesh must call it."""
+    checkpoint iter_num and keeps the newest `keep` checkpoints. Every rank of the mesh must call it.
+    optimizer_shard (zero=1/2): this DP rank's ShardedAdamW.shard_state_dict(); every DP rank
+    writes its own file and the manifest records dp_size, so a load can merge them at any size."""
     root = Path(out_dir) / "ckpt"
     final = root / f"iter-{iter_num:07d}"
     tmp = root / f"iter-{iter_num:07d}.tmp"
@@ -133,9 +143,15 @@ def save_checkpoint(out_dir, iter_num: int, state: dict, mesh, keep: int = 2) ->
     if mesh.dp_rank == 0:
         name = shard_name(mesh.tp_rank, mesh.tp_size)
         entry = (name, _atomic_write(state, tmp / name))
-    entries = _all_gather(entry)  # also the point where every shard is on disk
+    entries = [entry]
+    if optimizer_shard is not None:
+        name = optimizer_shard_name(mesh.tp_rank, mesh.tp_size, mesh.dp_rank, mesh.dp_size)
+        entries.append((name, _atomic_write(optimizer_shard, tmp / name)))
+    entries = [e for rank_entries in _all_gather(entries) for e in rank_entries]  # also: all on disk
     if mesh.is_main:
         manifest = {"iter_num": iter_num, "tp_size": mesh.tp_size, "shards": dict(e for e in entries if e)}
+        if optimizer_shard is not None:
+            manifest["optimizer_dp_size"] = mesh.dp_size
         _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -177,8 +193,8 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _verify_shard(path: Path, manifest: dict, tp_rank: int, tp_size: int) -> Path:
-    name = shard_name(tp_rank, tp_size)
+def _verify_shard(path: Path, manifest: dict, tp_rank: int, tp_size: int, name: str = None) -> Path:
+    name = name or shard_name(tp_rank, tp_size)
     file = path / name
     expected = manifest["shards"].get(name)
     if expected is None:
@@ -242,16 +258,37 @@ def _open(out_dir, tp_ranks, tp_size, map_location):
                                   f"which merges shards")
             ranks = range(saved_tp) if tp_ranks is None else tp_ranks
             files = [_verify_shard(path, manifest, r, saved_tp) for r in ranks]
+            dp = manifest.get("optimizer_dp_size")
+            if dp is not None and not (isinstance(dp, int) and dp >= 1):
+                raise CheckpointError(f"{str(path / MANIFEST)!r}: optimizer_dp_size must be an integer >= 1")
+            optim_files = [[_verify_shard(path, manifest, r, saved_tp, optimizer_shard_name(r, saved_tp, d, dp))
+                            for d in range(dp)] if dp else [] for r in ranks]
         except CheckpointError as e:
             problem = str(e)
         if all_ranks_agree(problem is None):
             if i:
                 _warn(f"using the older checkpoint {str(path)!r}")
-            return path, [_load_file(f, map_location) for f in files]
+            return path, [_with_optimizer(_load_file(f, map_location), o, map_location)
+                          for f, o in zip(files, optim_files)]
         if problem:  # only the rank(s) that found the problem know it
             _warn(f"skipping checkpoint {str(path)!r}: {problem}")
     raise CheckpointError(f"no usable checkpoint in {str(root)!r}: every one is damaged (see the warnings "
                           f"above); start again with init_from=scratch or restore the files")
+
+
+def _with_optimizer(state: dict, optim_files: list, map_location) -> dict:
+    """A sharded checkpoint's (zero=1/2) optimizer files merged into one consolidated,
+    FusedAdamW-style state dict under state["optimizer"] (loadable at any DP size)."""
+    if optim_files:
+        from lmkernels.distributed.sharded_adamw import consolidate
+
+        shards = [_load_file(f, map_location) for f in optim_files]
+        try:
+            state["optimizer"] = consolidate(shards)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"the optimizer shards {[str(f) for f in optim_files]} do not fit together "
+                                  f"({type(e).__name__}: {e})") from None
+    return state
 
 
 def open_checkpoint(out_dir, tp_rank: int = 0, tp_size: int = 1, map_location="cpu") -> tuple:

@@ -46,6 +46,9 @@ class TrainConfig:
         "help": "consecutive steps with a NaN/inf loss skipped (no weight update) before training stops"})
     # parallelism and hardware
     tp: int = field(default=1, metadata={"help": "tensor-parallel size; data-parallel size = world / tp"})
+    zero: int = field(default=0, metadata={
+        "help": "sharded data parallel: 0 all-reduce (every rank holds everything), 1 optimizer state "
+                "sharded over the DP ranks, 2 gradients too (reduce-scatter)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16"})
     threads: int = field(default=0, metadata={"help": "CPU threads per process (0: torch's default, or 1 when "
@@ -146,6 +149,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if world_size % cfg.tp:
         raise ConfigError(f"tp ({cfg.tp}) must divide the number of processes ({world_size}); launch with "
                           f"torchrun --nproc_per_node <a multiple of {cfg.tp}>")
+    if cfg.zero not in (0, 1, 2):
+        raise ConfigError(f"zero must be 0, 1 or 2; got {cfg.zero}")
+    if cfg.zero and cfg.dtype == "float16":
+        raise ConfigError("zero=1/2 does not support dtype=float16 (its GradScaler unscales full "
+                          "gradients, which zero=2 does not keep); use bfloat16 or float32")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1); got {cfg.dropout}")
     if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:

@@ -116,12 +116,43 @@ def peak_flops_per_device(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def wrap_data_parallel(model, mesh):
+def wrap_data_parallel(model, mesh, zero: int = 0):
     if mesh.dp_size == 1:
-        return model
-    from lmkernels.distributed import BucketedDataParallel
+        return model  # zero>0 on one DP rank: nothing to shard, the plain optimizer
+    from lmkernels.distributed import BucketedDataParallel, ShardedDataParallel
 
+    if zero:
+        return ShardedDataParallel(model, process_group=mesh.dp_group, zero=zero)
     return BucketedDataParallel(model, process_group=mesh.dp_group)
+
+
+def is_sharded(ddp_model) -> bool:
+    from lmkernels.distributed import ShardedDataParallel
+
+    return isinstance(ddp_model, ShardedDataParallel)
+
+
+def memory_bytes(model, ddp_model, optimizer) -> dict:
+    """This rank's persistent bytes of parameters, gradients and optimizer state, and its peak
+    resident memory (ru_maxrss)."""
+    import resource
+
+    if is_sharded(ddp_model):
+        out = {**ddp_model.memory_bytes(), **optimizer.memory_bytes()}
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        buckets = getattr(ddp_model, "_buckets", None)
+        if buckets is not None:
+            grads = sum(b.grads.numel() * b.grads.element_size()
+                        + (0 if b.comm is b.grads else b.comm.numel() * b.comm.element_size()) for b in buckets)
+        else:
+            grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        state = [t for s in optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0]
+        out = dict(param_bytes=sum(p.numel() * p.element_size() for p in params), grad_bytes=grads,
+                   opt_state_bytes=sum(t.numel() * t.element_size() for t in state))
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return out
 
 
 def seed_for(cfg: TrainConfig, mesh, it: int) -> int:
@@ -205,17 +236,26 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
     model.to(device)
     if mesh.tp_size > 1:
         tp_lib.parallelize_gpt(model, mesh.tp_group)
-    optimizer = make_optimizer(model.configure_optimizer_groups(cfg.weight_decay), cfg)
     start_iter, best_val = 0, float("inf")
     if resume is not None:
         model.load_state_dict(resume["model"])
+    if cfg.compile:
+        model.compile()  # in place: state_dict names and the DP wrapper see the same module
+    ddp_model = forward = wrap_data_parallel(model, mesh, cfg.zero)
+    groups = model.configure_optimizer_groups(cfg.weight_decay)
+    if is_sharded(ddp_model):
+        from lmkernels.distributed import ShardedAdamW
+
+        optimizer = ShardedAdamW(ddp_model, groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    else:
+        optimizer = make_optimizer(groups, cfg)
+    if resume is not None:
+        # a consolidated (FusedAdamW-style) state: the checkpoint merges a sharded one's files,
+        # so any zero stage and any DP size resumes from any other
         optimizer.load_state_dict(resume["optimizer"])
         start_iter, best_val = resume["iter_num"], resume["best_val_loss"]
         say(f"resumed from {resume_path} at iteration {start_iter}")
         del resume
-    if cfg.compile:
-        model.compile()  # in place: state_dict names and the DP wrapper see the same module
-    ddp_model = forward = wrap_data_parallel(model, mesh)
     block_size = model_args["block_size"]
     sampler = BatchSampler(data, block_size, cfg.batch_size, cfg.seed, mesh.dp_rank, mesh.dp_size)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size * mesh.dp_size
@@ -255,14 +295,18 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         if not ckpt_lib.all_ranks_agree(finite):  # a NaN model must never replace the last good checkpoint
             raise TrainingStopped(f"iteration {it}: the weights or evaluation losses ({ev}) are not finite; no "
                                   f"checkpoint written. {last_good()}")
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter_num=it,
+        sharded = is_sharded(ddp_model)
+        if sharded:
+            ddp_model.wait_param_gather()
+        state = dict(model=model.state_dict(), optimizer=None if sharded else optimizer.state_dict(), iter_num=it,
                      best_val_loss=best_val, model_args=model_args, config=to_dict(cfg),
                      tokenizer=data.tokenizer.state(), tp_size=mesh.tp_size, tp_rank=mesh.tp_rank,
                      tp_layout=tp_utils.shard_layout(model))
         waits.at(f"saving the checkpoint of iteration {it}")
         # a run from scratch replaces the checkpoints of any earlier run in out_dir at its first save
         keep = cfg.keep_checkpoints if last_saved is not None else 1
-        last_saved = ckpt_lib.save_checkpoint(cfg.out_dir, it, state, mesh, keep=keep)
+        last_saved = ckpt_lib.save_checkpoint(cfg.out_dir, it, state, mesh, keep=keep,
+                                              optimizer_shard=optimizer.shard_state_dict() if sharded else None)
         say(f"checkpoint: {last_saved}")
 
     def last_good() -> str:
@@ -326,7 +370,10 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         if cfg.grad_clip > 0:
             waits.at(f"the gradient-norm all-reduce of iteration {it}")
             scaler.unscale_(optimizer)
-            tp_utils.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
+            if is_sharded(ddp_model):
+                ddp_model.clip_grad_norm_(cfg.grad_clip, tp_group=mesh.tp_group if mesh.tp_size > 1 else None)
+            else:
+                tp_utils.clip_grad_norm_(params, cfg.grad_clip, mesh.tp_group)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=ddp_model is model)
@@ -337,6 +384,10 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         mfu = flops_per_token * tok_s / (peak * mesh.world_size)
         records.append(dict(iter=it, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu, dt_ms=1000 * dt))
         log.write(kind="train", **records[-1])
+        if it == start_iter or (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
+            waits.at(f"gathering every rank's memory record at iteration {it}")
+            ranks = ckpt_lib._all_gather(dict(rank=mesh.rank, **memory_bytes(model, ddp_model, optimizer)))
+            log.write(kind="memory", iter=it, zero=cfg.zero if is_sharded(ddp_model) else 0, ranks=ranks)
         window_tokens += tokens_per_iter
         window_loss.append(loss_value)
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
@@ -352,6 +403,8 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
             say(f"loss curve: {plot}")
     if cfg.sample_tokens > 0:
         waits.at("gathering the TP shards for the sample")
+        if is_sharded(ddp_model):
+            ddp_model.wait_param_gather()
         full = tp_utils.full_state_dict(model, mesh.tp_group)
         if mesh.is_main:
             say("sample:\n" + sample_text(full, model_args, data.tokenizer, cfg.sample_tokens, device, cfg.seed))
