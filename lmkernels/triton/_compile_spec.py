@@ -28,14 +28,30 @@ KERNEL_MODULES = ("lmkernels.triton.adamw", "lmkernels.triton.attention")
 
 @dataclass(frozen=True)
 class ArgTensor:
-    """Stands in for a tensor argument when only its dtype and alignment matter (what Triton
-    specializes on): `data_ptr() % 16 == 0` unless an unaligned address is given."""
+    """Stands in for a tensor argument when only its dtype, alignment, shape and strides matter
+    (what Triton specializes on, and what builders read): `data_ptr() % 16 == 0` unless an
+    unaligned address is given; strides default to contiguous."""
 
     dtype: torch.dtype
     address: int = 1 << 20
+    shape: tuple = ()
+    strides: Optional[tuple] = None
 
     def data_ptr(self) -> int:
         return self.address
+
+    def stride(self, dim: Optional[int] = None):
+        strides = self.strides
+        if strides is None:
+            strides, n = [], 1
+            for size in reversed(self.shape):
+                strides.insert(0, n)
+                n *= size
+            strides = tuple(strides)
+        return strides if dim is None else strides[dim]
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
 
 
 @dataclass
