@@ -69,9 +69,9 @@ def _config_label(config) -> str:
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
 
-def _compile(launch, config, capability: int):
-    """Bind the launch with Triton's binder for the target, compile, return the CompiledKernel."""
-    import triton
+def bind(launch, config, capability: int):
+    """(ASTSource, target, options) of the launch for sm_<capability>, bound with Triton's own
+    binder: the signature, constexprs and alignment attributes a real launch would get."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -85,7 +85,14 @@ def _compile(launch, config, capability: int):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return ASTSource(fn, signature, constexprs, attrs), target, options
+
+
+def _compile(launch, config, capability: int):
+    import triton
+
+    src, target, options = bind(launch, config, capability)
+    return triton.compile(src, target=target, options=options.__dict__)
 
 
 def _measure(row: Row, kernel, capability: int, spec) -> Row:

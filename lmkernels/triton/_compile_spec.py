@@ -68,9 +68,11 @@ class Launch:
 
     @property
     def jit_function(self):
-        """The @triton.jit function under any autotuner."""
+        """The @triton.jit function under any autotune/heuristics wrappers."""
+        from triton.runtime.autotuner import Autotuner, Heuristics
+
         fn = self.kernel
-        while not hasattr(fn, "params"):
+        while isinstance(fn, (Autotuner, Heuristics)):
             fn = fn.fn
         return fn
 

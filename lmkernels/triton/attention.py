@@ -63,10 +63,10 @@ def _tile_class(dtype, block_d: int) -> int:
 
 def _configs(per_class):
     """Autotune configs from {tile class: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}.
-    The interpreter gets one small config; LMK_TRITON_ONE_CONFIG=1 the first of each class."""
-    if triton_interpreted():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TILE_CLASS": c}, num_warps=4)
-                for c in per_class]
+    The interpreter gets one small config (any class); LMK_TRITON_ONE_CONFIG=1 the first of
+    each class."""
+    if triton_interpreted():  # one config: the autotuner then neither prunes nor benchmarks
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TILE_CLASS": -1}, num_warps=4)]
     one = os.environ.get("LMK_TRITON_ONE_CONFIG", "0") == "1"
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TILE_CLASS": c}, num_warps=w, num_stages=st)
             for c, lst in per_class.items() for m, n, w, st in (lst[:1] if one else lst)]
@@ -184,8 +184,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + cols
-        k_blk = k_base + n0.to(tl.int64) * stride_kn
-        v_blk = v_base + n0.to(tl.int64) * stride_vn
+        k_blk = k_base + tl.cast(n0, tl.int64) * stride_kn
+        v_blk = v_base + tl.cast(n0, tl.int64) * stride_vn
         # Mask-free blocks lie inside [0, S): on GPU with D == BLOCK_D their loads need no mask.
         if MASKED or UPCAST or not EVEN_D:
             k = tl.load(k_blk + cols[:, None] * stride_kn + offs_d[None, :],
@@ -235,7 +235,7 @@ def attention_fwd_kernel(
     offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qt
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(m0, tl.int64) * stride_qt
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
     q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :],
@@ -261,7 +261,7 @@ def attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_ot
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tl.cast(m0, tl.int64) * stride_ot
     tl.store(o_base + rows[:, None] * stride_ot + offs_d[None, :], cast_for_store(out, OUT_DTYPE),
              mask=(offs_m[:, None] < T) & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
@@ -282,9 +282,9 @@ def attention_bwd_preprocess_kernel(
     offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_ot
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tl.cast(m0, tl.int64) * stride_ot
                 + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + m0.to(tl.int64) * stride_gt
+    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + tl.cast(m0, tl.int64) * stride_gt
                 + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * g, 1)
     if HAS_DLSE:
@@ -331,9 +331,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + rows
         m_ok = offs_m < T
-        qt = tl.load(q_base + m0.to(tl.int64) * stride_qt + rows[None, :] * stride_qt + offs_d[:, None],
+        qt = tl.load(q_base + tl.cast(m0, tl.int64) * stride_qt + rows[None, :] * stride_qt + offs_d[:, None],
                      mask=d_ok[:, None] & m_ok[None, :], other=0.0)
-        g = tl.load(do_base + m0.to(tl.int64) * stride_gt + rows[:, None] * stride_gt + offs_d[None, :],
+        g = tl.load(do_base + tl.cast(m0, tl.int64) * stride_gt + rows[:, None] * stride_gt + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             qt = qt.to(tl.float32)
@@ -375,9 +375,9 @@ def attention_bwd_dkdv_kernel(
     offs_n = n0 + cols
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kt
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + tl.cast(n0, tl.int64) * stride_kt
                 + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vt
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + tl.cast(n0, tl.int64) * stride_vt
                 + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -400,9 +400,9 @@ def attention_bwd_dkdv_kernel(
                              stride_gt, offs_n, offs_d, full_hi, hi, T, S, D, LEFT, RIGHT,
                              qk_scale, True, BLOCK_M, UPCAST, DOT_PREC)
     dk = dk * scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh + n0.to(tl.int64) * stride_dkt
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh + tl.cast(n0, tl.int64) * stride_dkt
              + cols[:, None] * stride_dkt + offs_d[None, :], cast_for_store(dk, OUT_DTYPE), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hkv.to(tl.int64) * stride_dvh + n0.to(tl.int64) * stride_dvt
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hkv.to(tl.int64) * stride_dvh + tl.cast(n0, tl.int64) * stride_dvt
              + cols[:, None] * stride_dvt + offs_d[None, :], cast_for_store(dv, OUT_DTYPE), mask=kv_mask)
 
 
@@ -416,9 +416,9 @@ def _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + cols
         n_ok = offs_n[None, :] < S
-        kt = tl.load(k_base + n0.to(tl.int64) * stride_kt + cols[None, :] * stride_kt + offs_d[:, None],
+        kt = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kt + cols[None, :] * stride_kt + offs_d[:, None],
                      mask=d_ok[:, None] & n_ok, other=0.0)
-        vt = tl.load(v_base + n0.to(tl.int64) * stride_vt + cols[None, :] * stride_vt + offs_d[:, None],
+        vt = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vt + cols[None, :] * stride_vt + offs_d[:, None],
                      mask=d_ok[:, None] & n_ok, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
@@ -454,9 +454,9 @@ def attention_bwd_dq_kernel(
     offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qt
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(m0, tl.int64) * stride_qt
                 + rows[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
-    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + m0.to(tl.int64) * stride_gt
+    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + tl.cast(m0, tl.int64) * stride_gt
                 + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -475,7 +475,7 @@ def attention_bwd_dq_kernel(
     dq = _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                    full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqt
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + tl.cast(m0, tl.int64) * stride_dqt
              + rows[:, None] * stride_dqt + offs_d[None, :], cast_for_store(dq, OUT_DTYPE), mask=mask)
 
 
