@@ -183,11 +183,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"gpu_compile_check: {len(jobs)} compiles ({len(specs)} specializations, {', '.join(archs)}), "
           f"{args.jobs} process(es)", flush=True)
+    rows = []
+
+    def progress(row):  # one line per compile as it ends, so a CI log shows where time goes
+        rows.append(row)
+        print(f"[{len(rows)}/{len(jobs)}] {row.arch} {row.kernel} {row.config}: "
+              f"{'ok' if row.ok else 'FAIL ' + row.problems} ({row.seconds:.1f} s)", flush=True)
+
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_job, *zip(*[(modules, i, c, a) for i, c, a in jobs])))
+            for row in pool.map(_job, *zip(*[(modules, i, c, a) for i, c, a in jobs])):
+                progress(row)
     else:
-        rows = [_job(modules, i, c, a) for i, c, a in jobs]
+        for i, c, a in jobs:
+            progress(_job(modules, i, c, a))
     wall = time.perf_counter() - t0
     print(_table(rows))
     failed = [r for r in rows if not r.ok]
