@@ -8,7 +8,10 @@ Mask (off = S - T, bottom-right alignment): query i sees key j iff
 Forward, per (BLOCK_M query rows, head), scores in the log2 domain (qk_scale = scale*log2 e):
     s = qk_scale * q k^T,  m' = max(m, rowmax s),  p = 2^(s - m'),
     l = l 2^(m - m') + rowsum p,  acc = acc 2^(m - m') + p v;
-    out = acc / l,  lse = ln 2 * (m + log2 l)   (a row that sees nothing: out = 0, lse = -inf)
+    out = acc / l,  lse = ln 2 * (m + log2 l)
+A row that sees no key gives out = 0, lse = -inf (documented). A NaN or inf reaching a row's
+scores or values (NaN/inf in Q, K, V or scale) gives a NaN/inf out and lse, as SDPA does: the
+"empty row" test is l == 0, which a NaN l fails.
 Backward (recomputing p = 2^(qk_scale q k^T - log2e * lse)), delta = rowsum(dO * O) - dlse:
     dV = sum_i p^T dO,  dP = dO V^T,  dS = p (dP - delta),
     dK = scale * sum_i dS^T Q,  dQ = scale * sum_j dS K.
@@ -16,9 +19,26 @@ dK/dV programs own one kv block (looping over the query heads of their group and
 blocks), dQ programs own one query block: no atomics, deterministic. Key blocks a query
 block cannot see are never visited; blocks entirely inside the mask skip the masking.
 D: any multiple of 8 up to 256, padded to the power of two BLOCK_D with masked loads.
-Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading. fp32
-inputs use IEEE fp32 dots (DOT_PREC "ieee", not TF32), bf16/fp16 the tensor cores.
+
+GPU details:
+- Grid: axis 0 is B*H (or B*Hkv), axis 1 the row blocks (axis 1 is capped at 65535; B*H is not).
+- Row offsets: each block's base pointer advances by block_start * stride in int64, so
+  T * stride may pass 2^31; offsets inside a tile stay int32.
+- Accumulators go through tl.dot's accumulator operand (acc = dot(p, v, acc)): no second
+  BLOCK_M x BLOCK_D fp32 tile live, which keeps the 128 x 128 bf16 forward spill-free.
+- fp32 inputs use "tf32x3" dots (three TF32 tensor-core products: fp32-level error, not the
+  FMA loops, spills and minutes of compile of "ieee") with their own small tiles.
+- Autotune: one config list per tile class (bf16/fp16 D <= 128, bf16/fp16 D = 256, fp32
+  D <= 128, fp32 D = 256); configs that need more shared memory than the device gives one
+  block are pruned before launch (`_usable_configs`, also what the compile gate compiles). The
+  key buckets T and S to the next power of two, so a new length does not re-tune.
+  LMK_TRITON_ONE_CONFIG=1 (read at import) keeps the first config per class: for GPU tests,
+  which need correctness, not tuning, in a short run.
+Under the CPU interpreter (UPCAST) inputs are upcast to fp32 right after loading, and each
+kernel has one small config.
 """
+import contextlib
+import os
 
 import torch
 import triton
@@ -26,33 +46,104 @@ import triton.language as tl
 
 from lmkernels.reference.attention import window_bounds
 from lmkernels.triton._common import cast_for_store, tl_dtype, triton_interpreted
+from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
 
 LOG2E = 1.4426950408889634
 
+# Tile classes (a config's TILE_CLASS kwarg; the prune keeps the launch's class only).
+LOW_SMALL_D, LOW_BIG_D, FP32_SMALL_D, FP32_BIG_D = 0, 1, 2, 3
 
-def _configs(shapes, big_d_shapes):
-    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets one.
-    Large head dims (BLOCK_D 256) get smaller tiles so K/V stages fit in shared memory."""
-    if triton_interpreted():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BIG_D": big}, num_warps=w, num_stages=st)
-            for big, lst in ((False, shapes), (True, big_d_shapes)) for m, n, w, st in lst]
+
+def _tile_class(dtype, block_d: int) -> int:
+    big = block_d > 128
+    if dtype == torch.float32:
+        return FP32_BIG_D if big else FP32_SMALL_D
+    return LOW_BIG_D if big else LOW_SMALL_D
+
+
+def _configs(per_class):
+    """Autotune configs from {tile class: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}.
+    The interpreter gets one small config (any class); LMK_TRITON_ONE_CONFIG=1 the first of
+    each class."""
+    if triton_interpreted():  # one config: the autotuner then neither prunes nor benchmarks
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "TILE_CLASS": -1}, num_warps=4)]
+    one = os.environ.get("LMK_TRITON_ONE_CONFIG", "0") == "1"
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TILE_CLASS": c}, num_warps=w, num_stages=st)
+            for c, lst in per_class.items() for m, n, w, st in (lst[:1] if one else lst)]
+
+
+# H100, bf16, D <= 128: the forward's 128 x 64 tiles with 8 warps are the largest that compile
+# without spills with plain pointer loads (128 x 128 needs 255 registers and spills: the
+# tutorial's spill-free 128 x 128 uses TMA descriptors). The backward splits into narrow-M
+# dK/dV and narrow-N dQ programs. Two configs per class keep first-call compile + tuning short. fp32 (tf32x3: three MMAs per product, operands
+# split in registers) takes 64-wide tiles.
+_FWD_CONFIGS = _configs({
+    LOW_SMALL_D: [(128, 64, 8, 3), (128, 64, 8, 2)],
+    LOW_BIG_D: [(64, 64, 4, 2), (64, 32, 4, 2)],
+    FP32_SMALL_D: [(64, 32, 4, 2)],
+    FP32_BIG_D: [(32, 32, 4, 1)],
+})
+# D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill the registers.
+_DKDV_CONFIGS = _configs({
+    LOW_SMALL_D: [(64, 64, 8, 2), (32, 32, 4, 3)],
+    LOW_BIG_D: [(32, 32, 8, 1), (16, 32, 4, 1)],
+    FP32_SMALL_D: [(32, 64, 4, 1)],
+    FP32_BIG_D: [(16, 32, 4, 1)],
+})
+_DQ_CONFIGS = _configs({
+    LOW_SMALL_D: [(128, 64, 8, 3), (128, 32, 8, 3)],
+    LOW_BIG_D: [(32, 32, 8, 1), (64, 32, 8, 1)],
+    FP32_SMALL_D: [(64, 32, 4, 1)],
+    FP32_BIG_D: [(32, 16, 4, 1)],
+})
+
+
+def _smem_estimate(config, block_d: int, elem_bytes: int) -> int:
+    """Upper estimate of a config's shared memory, bytes: the pipelined operand tiles
+    (num_stages copies of the streamed BLOCK_M and BLOCK_N tiles, two each) plus one fixed tile.
+    The compile gate checks each usable config's real figure against the arch's budget."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    stages = max(config.num_stages, 1)
+    return (2 * stages * max(m, n) + max(m, n)) * block_d * elem_bytes
+
+
+def _usable_configs(configs, dtype, block_d: int, shared_limit: int):
+    """The configs of this launch's tile class that fit in shared_limit bytes."""
+    cls = _tile_class(dtype, block_d)
+    elem = torch.empty((), dtype=dtype).element_size()
+    usable = [c for c in configs if c.kwargs["TILE_CLASS"] == cls
+              and _smem_estimate(c, block_d, elem) <= shared_limit]
+    if not usable:
+        raise RuntimeError(f"attention (Triton): no kernel config for {dtype}, head dim {block_d} "
+                           f"fits in {shared_limit} bytes of shared memory")
+    return usable
+
+
+_SHARED_LIMIT: dict = {}
+
+
+def _shared_limit(device) -> int:
+    """Shared memory one block may use on this device (opt-in maximum), bytes."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_LIMIT:
+        props = torch.cuda.get_device_properties(index)
+        _SHARED_LIMIT[index] = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+    return _SHARED_LIMIT[index]
 
 
 def _prune(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    big = block_d is not None and block_d > 128
-    return [c for c in configs if c.kwargs.get("BIG_D", big) == big] or configs
+    q = named_args["Q"]
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    return _usable_configs(configs, q.dtype, kwargs["BLOCK_D"], _shared_limit(device))
 
 
-_AUTOTUNE_KEY = ["T", "S", "D", "GROUP", "LEFT", "RIGHT"]
-# H100, bf16: 128 x 128 tiles with 8 warps for the forward (FlashAttention-2 / Triton tutorial
-# choices); the backward splits into narrow-M dK/dV and narrow-N dQ programs. Two configs per
-# head-dim class keep first-call compile + tuning short (the GPU check has ~90 s).
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 64, 4, 3)], [(64, 64, 4, 2), (64, 32, 4, 2)])
-# D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill the registers.
-_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3)], [(32, 32, 8, 1), (16, 32, 4, 1)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3)], [(32, 32, 8, 1), (64, 32, 8, 1)])
+# Bucketed lengths and the mask kind: what the tuned choice depends on (with D, GROUP, dtypes).
+_AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "D", "GROUP", "MASK_KIND"]
+# Sizes that vary from call to call are never specialized (no recompiles); strides are, for
+# their 16-byte alignment, which vectorizes the loads.
+_NO_SPECIALIZE = ["H", "T", "S", "D", "GROUP", "LEFT", "RIGHT", "T_BUCKET", "S_BUCKET", "MASK_KIND"]
 
 
 @triton.jit
@@ -81,69 +172,73 @@ def _allowed(offs_m, offs_n, T, S, LEFT, RIGHT):
     return ok
 
 
+
+
+
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, start, end,
                T, S, D, LEFT, RIGHT, qk_scale,
                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
-    offs_n0 = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + offs_n0
+        offs_n = n0 + cols
+        k_blk = k_base + tl.cast(n0, tl.int64) * stride_kn
+        v_blk = v_base + tl.cast(n0, tl.int64) * stride_vn
         # Mask-free blocks lie inside [0, S): on GPU with D == BLOCK_D their loads need no mask.
         if MASKED or UPCAST or not EVEN_D:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=d_ok[:, None] & (offs_n[None, :] < S), other=0.0)
+            k = tl.load(k_blk + cols[:, None] * stride_kn + offs_d[None, :],
+                        mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
+            k = tl.load(k_blk + cols[:, None] * stride_kn + offs_d[None, :])
         if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             s = tl.where(_allowed(offs_m, offs_n, T, S, LEFT, RIGHT), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row whose scores are all -inf so far (masked, or -inf products) keeps p = 0.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED or UPCAST or not EVEN_D:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+            v = tl.load(v_blk + cols[:, None] * stride_vn + offs_d[None, :],
                         mask=(offs_n[:, None] < S) & d_ok[None, :], other=0.0)
         else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            v = tl.load(v_blk + cols[:, None] * stride_vn + offs_d[None, :])
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, T, S, D, GROUP, LEFT, RIGHT, qk_scale,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr = False,
-    BIG_D: tl.constexpr = False,
+    TILE_CLASS: tl.constexpr = 0,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     hkv = h // GROUP
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(m0, tl.int64) * stride_qt
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :],
                 mask=(offs_m[:, None] < T) & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -160,33 +255,37 @@ def attention_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                offs_d, full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale,
                                True, BLOCK_N, UPCAST, DOT_PREC, EVEN_D)
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], cast_for_store(out, OUT_DTYPE),
+    # Empty rows (no key seen: l == 0) give 0 and -inf. A NaN l (a NaN/inf input) is not 0:
+    # it flows into out and lse, as in SDPA.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tl.cast(m0, tl.int64) * stride_ot
+    tl.store(o_base + rows[:, None] * stride_ot + offs_d[None, :], cast_for_store(out, OUT_DTYPE),
              mask=(offs_m[:, None] < T) & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T", "D"])
 def attention_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse, (B, H, T) fp32."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                + offs_m[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tl.cast(m0, tl.int64) * stride_ot
+                + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + tl.cast(m0, tl.int64) * stride_gt
+                + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * g, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
@@ -209,36 +308,7 @@ def _q_range(n0, T, S, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     return lo, hi, full_lo, full_hi
 
 
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_gt,
-                offs_n, offs_d, start, end, T, S, D, LEFT, RIGHT, qk_scale,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    offs_m0 = tl.arange(0, BLOCK_M)
-    d_ok = offs_d < D
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + offs_m0
-        m_ok = offs_m < T
-        qt = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
-                     mask=d_ok[:, None] & m_ok[None, :], other=0.0)
-        g = tl.load(do_base + offs_m[:, None] * stride_gt + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            g = g.to(tl.float32)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: p = 0
-        # Transposed scores: (BLOCK_N, BLOCK_M), so dK/dV need no transposes of their own.
-        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
-        if MASKED:
-            pt = tl.where(_allowed_t(offs_n, offs_m, T, S, LEFT, RIGHT), pt, 0.0)
-        dv += tl.dot(pt.to(g.dtype), g, input_precision=DOT_PREC)
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        dpt = tl.dot(v, tl.trans(g), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
-    return dk, dv
+
 
 
 @triton.jit
@@ -252,30 +322,63 @@ def _allowed_t(offs_n, offs_m, T, S, LEFT, RIGHT):
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_gt,
+                offs_n, offs_d, start, end, T, S, D, LEFT, RIGHT, qk_scale,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < D
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + rows
+        m_ok = offs_m < T
+        qt = tl.load(q_base + tl.cast(m0, tl.int64) * stride_qt + rows[None, :] * stride_qt + offs_d[:, None],
+                     mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+        g = tl.load(do_base + tl.cast(m0, tl.int64) * stride_gt + rows[:, None] * stride_gt + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            g = g.to(tl.float32)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: p = 0
+        # Transposed scores: (BLOCK_N, BLOCK_M), so dK/dV need no transposes of their own.
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            pt = tl.where(_allowed_t(offs_n, offs_m, T, S, LEFT, RIGHT), pt, 0.0)
+        dv = tl.dot(pt.to(g.dtype), g, dv, input_precision=DOT_PREC)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        dpt = tl.dot(v, tl.trans(g), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    H, T, S, D, GROUP, LEFT, RIGHT, scale, qk_scale,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, scale, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TILE_CLASS: tl.constexpr = 0,
 ):
     """One program: dK, dV of keys [n0, n0 + BLOCK_N) of one kv head, summed over its GROUP
     query heads and every query block that sees them."""
-    pid_n = tl.program_id(0)
-    bhkv = tl.program_id(1)
+    bhkv = tl.program_id(0)
+    pid_n = tl.program_id(1)
     Hkv = H // GROUP
     b = bhkv // Hkv
     hkv = bhkv % Hkv
     n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = n0 + cols
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + tl.cast(n0, tl.int64) * stride_kt
+                + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + tl.cast(n0, tl.int64) * stride_vt
+                + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -297,25 +400,26 @@ def attention_bwd_dkdv_kernel(
                              stride_gt, offs_n, offs_d, full_hi, hi, T, S, D, LEFT, RIGHT,
                              qk_scale, True, BLOCK_M, UPCAST, DOT_PREC)
     dk = dk * scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkt + offs_d[None, :], cast_for_store(dk, OUT_DTYPE), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hkv.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvt + offs_d[None, :], cast_for_store(dv, OUT_DTYPE), mask=kv_mask)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hkv.to(tl.int64) * stride_dkh + tl.cast(n0, tl.int64) * stride_dkt
+             + cols[:, None] * stride_dkt + offs_d[None, :], cast_for_store(dk, OUT_DTYPE), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hkv.to(tl.int64) * stride_dvh + tl.cast(n0, tl.int64) * stride_dvt
+             + cols[:, None] * stride_dvt + offs_d[None, :], cast_for_store(dv, OUT_DTYPE), mask=kv_mask)
 
 
 @triton.jit
 def _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
               start, end, T, S, D, LEFT, RIGHT, qk_scale,
               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    offs_n0 = tl.arange(0, BLOCK_N)
+              DOT_PREC: tl.constexpr):
+    cols = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + offs_n0
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                     mask=d_ok[:, None] & (offs_n[None, :] < S), other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
-                     mask=d_ok[:, None] & (offs_n[None, :] < S), other=0.0)
+        offs_n = n0 + cols
+        n_ok = offs_n[None, :] < S
+        kt = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kt + cols[None, :] * stride_kt + offs_d[:, None],
+                     mask=d_ok[:, None] & n_ok, other=0.0)
+        vt = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vt + cols[None, :] * stride_vt + offs_d[:, None],
+                     mask=d_ok[:, None] & n_ok, other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -325,34 +429,35 @@ def _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m
             p = tl.where(_allowed(offs_m, offs_n, T, S, LEFT, RIGHT), p, 0.0)
         dp = tl.dot(g, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dqb, stride_dqh, stride_dqt,
-    H, T, S, D, GROUP, LEFT, RIGHT, scale, qk_scale,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, scale, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BIG_D: tl.constexpr = False,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TILE_CLASS: tl.constexpr = 0,
 ):
     """One program: dQ of query rows [m0, m0 + BLOCK_M) of one head."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     hkv = h // GROUP
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
-    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                + offs_m[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(m0, tl.int64) * stride_qt
+                + rows[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)
+    g = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + tl.cast(m0, tl.int64) * stride_gt
+                + rows[:, None] * stride_gt + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         g = g.to(tl.float32)
@@ -370,39 +475,91 @@ def attention_bwd_dq_kernel(
     dq = _dq_inner(dq, q, g, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                    full_hi, hi, T, S, D, LEFT, RIGHT, qk_scale, True, BLOCK_N, UPCAST, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqt + offs_d[None, :], cast_for_store(dq, OUT_DTYPE), mask=mask)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + tl.cast(m0, tl.int64) * stride_dqt
+             + rows[:, None] * stride_dqt + offs_d[None, :], cast_for_store(dq, OUT_DTYPE), mask=mask)
+
+
+def _autotuned(kernel, configs):
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 # The autotuned entry points the launchers call (block sizes come from the configs).
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY,
-                                prune_configs_by={"early_config_prune": _prune})(attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_AUTOTUNE_KEY,
-                                     prune_configs_by={"early_config_prune": _prune})(attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY,
-                                   prune_configs_by={"early_config_prune": _prune})(attention_bwd_dq_kernel)
+_fwd_tuned = _autotuned(attention_fwd_kernel, _FWD_CONFIGS)
+_dkdv_tuned = _autotuned(attention_bwd_dkdv_kernel, _DKDV_CONFIGS)
+_dq_tuned = _autotuned(attention_bwd_dq_kernel, _DQ_CONFIGS)
+_PREPROCESS_BLOCK_M = 64
 
 
-# ---------------------------------------------------------------- launchers
-# Plain functions (no argument checks: torch.ops.lmkernels.attention_* checks before calling
-# them on CUDA tensors; the interpreter tests call them directly on CPU tensors).
+# ---------------------------------------------------------------- launch builders
+# Shared by the launchers and compile_specs (which passes ArgTensor stand-ins), so the compile
+# gate compiles exactly what the launchers launch.
 def _bounds(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
     """(LEFT, RIGHT) for the kernels: an unbounded side becomes T + S (always satisfied)."""
     left, right = window_bounds(is_causal, (window_left, window_right))
     return (left if left >= 0 else T + S), (right if right >= 0 else T + S)
 
 
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _mask_args(T: int, S: int, is_causal: bool, window_left: int, window_right: int):
+    """LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND (0 full, 1 causal, 2 other windows)."""
+    left, right = window_bounds(is_causal, (window_left, window_right))
+    kind = 0 if (left < 0 and right < 0) else 1 if (left < 0 and right == 0) else 2
+    return (*_bounds(T, S, is_causal, window_left, window_right), _bucket(T), _bucket(S), kind)
+
+
 def _dot_precision(dtype: torch.dtype):
-    return "ieee" if dtype == torch.float32 else None  # None: Triton's default (bf16/fp16 MMA)
+    return "tf32x3" if dtype == torch.float32 else None  # None: Triton's default (bf16/fp16 MMA)
 
 
 def _block_d(D: int) -> int:
     return max(16, 1 << (D - 1).bit_length())
 
 
-def _strides(t: torch.Tensor):
+def _strides(t):
     assert t.stride(-1) == 1
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _fwd_launch(q, k, v, out, lse, scale, is_causal, window_left, window_right) -> Launch:
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    return Launch(_fwd_tuned, (
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, T, S, D, H // Hkv, *_mask_args(T, S, is_causal, window_left, window_right), scale * LOG2E,
+    ), dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
+            DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D))
+
+
+def _preprocess_launch(o, g, grad_lse, lse, delta) -> Launch:
+    B, H, T, D = o.shape
+    return Launch(attention_bwd_preprocess_kernel, (
+        o, g, grad_lse if grad_lse is not None else lse, delta, *_strides(o), *_strides(g), H, T, D,
+    ), dict(HAS_DLSE=grad_lse is not None, BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=_block_d(D)))
+
+
+def _bwd_launches(q, k, v, g, lse, delta, dq, dk, dv, scale, is_causal, window_left, window_right):
+    """-> (dK/dV launch, dQ launch)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
+                  DOT_PREC=_dot_precision(q.dtype))
+    sizes = (H, T, S, D, H // Hkv, *_mask_args(T, S, is_causal, window_left, window_right),
+             scale, scale * LOG2E)
+    dkdv = Launch(_dkdv_tuned, (q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+                                *_strides(g), *_strides(dk), *_strides(dv), *sizes), common)
+    dq_launch = Launch(_dq_tuned, (q, k, v, g, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
+                                   *_strides(g), *_strides(dq), *sizes), common)
+    return dkdv, dq_launch
+
+
+# ---------------------------------------------------------------- launchers
+# Plain functions (no argument checks: torch.ops.lmkernels.attention_* checks before calling
+# them on CUDA tensors; the interpreter tests call them directly on CPU tensors).
+def _on_device(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -413,16 +570,11 @@ def attention_fwd(query, key, value, scale, is_causal, window_left, window_right
     """-> (out (B, H, T, D) in query's dtype, lse (B, H, T) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    left, right = _bounds(T, S, is_causal, window_left, window_right)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_tuned[grid](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, T, S, D, H // Hkv, left, right, scale * LOG2E,
-        OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
-        DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D)
+    launch = _fwd_launch(q, k, v, out, lse, scale, is_causal, window_left, window_right)
+    with _on_device(q.device):
+        launch.run(lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"])))
     return out, lse
 
 
@@ -432,23 +584,45 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse, scale, is_cau
     q, k, v, o, g = (_last_dim_contiguous(t) for t in (query, key, value, out, grad_out))
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    left, right = _bounds(T, S, is_causal, window_left, window_right)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    block_d = _block_d(D)
-    attention_bwd_preprocess_kernel[(triton.cdiv(T, 64), B * H)](
-        o, g, grad_lse.contiguous() if grad_lse is not None else lse, delta, *_strides(o),
-        *_strides(g), H, T, D, HAS_DLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=block_d, UPCAST=triton_interpreted(),
-                  DOT_PREC=_dot_precision(q.dtype))
-    qk_scale = scale * LOG2E
-    _dkdv_tuned[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, g, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
-        *_strides(dk), *_strides(dv), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
-    _dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, g, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
-        *_strides(dq), H, T, S, D, H // Hkv, left, right, scale, qk_scale, **common)
+    pre = _preprocess_launch(o, g, grad_lse.contiguous() if grad_lse is not None else None, lse, delta)
+    dkdv, dq_launch = _bwd_launches(q, k, v, g, lse, delta, dq, dk, dv, scale, is_causal,
+                                    window_left, window_right)
+    with _on_device(q.device):
+        pre.run((B * H, triton.cdiv(T, _PREPROCESS_BLOCK_M)))
+        dkdv.run(lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"])))
+        dq_launch.run(lambda meta: (B * H, triton.cdiv(T, meta["BLOCK_M"])))
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------- compile gate
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Head dims the gate compiles: the three BLOCK_D classes, and one that is not a power of two
+# (masked D, strides not a multiple of 16 elements).
+GATE_HEAD_DIMS = (64, 128, 256, 72)
+
+
+def compile_specs():
+    """Every attention kernel x usable autotune config for each dtype and head-dim class, the
+    launch made for (B, H, Hkv, T, S) = (2, 4, 2, 1000, 1000), causal (the mask only changes
+    runtime values). bf16/fp16 with D <= 128 must not spill."""
+    B, H, Hkv, T, S = 2, 4, 2, 1000, 1000
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for D in GATE_HEAD_DIMS:
+            q, out, g, dq = (ArgTensor(dtype, shape=(B, H, T, D)) for _ in range(4))
+            k, v, dk, dv = (ArgTensor(dtype, shape=(B, Hkv, S, D)) for _ in range(4))
+            lse, delta = ArgTensor(torch.float32, shape=(B, H, T)), ArgTensor(torch.float32, shape=(B, H, T))
+            no_spills = dtype != torch.float32 and D <= 128
+            name = f"{_NAMES[dtype]} D={D}"
+            fwd = _fwd_launch(q, k, v, out, lse, D ** -0.5, True, -1, -1)
+            dkdv, dq_launch = _bwd_launches(q, k, v, g, lse, delta, dq, dk, dv, D ** -0.5, True, -1, -1)
+            for kernel, launch in (("attention_fwd", fwd), ("attention_bwd_dkdv", dkdv),
+                                   ("attention_bwd_dq", dq_launch)):
+                configs = (lambda limit, launch=launch, D=D, dtype=dtype:
+                           _usable_configs(launch.kernel.configs, dtype, _block_d(D), limit))
+                yield CompileSpec(f"{kernel} {name}", launch, configs=configs, no_spills=no_spills)
+            yield CompileSpec(f"attention_bwd_preprocess {name}", _preprocess_launch(out, g, None, lse, delta))
