@@ -23,7 +23,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 # The modules whose compile_specs() the gate runs.
-KERNEL_MODULES = ("lmkernels.triton.adamw", "lmkernels.triton.attention")
+KERNEL_MODULES = (
+    "lmkernels.triton.adamw",
+    "lmkernels.triton.attention",
+    "lmkernels.triton.rms_norm",
+    "lmkernels.triton.rotary_embedding",
+    "lmkernels.triton.swiglu",
+    "lmkernels.triton.fused_linear_cross_entropy",
+)
 
 
 @dataclass(frozen=True)
