@@ -1,7 +1,6 @@
 """The trainer with --model=llama: option mapping, training, sampling, export, resume, DP and TP."""
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
