@@ -5,11 +5,15 @@ fp32, the default corpus. Both start from the same weights (same seed) and see t
 batches; the reference is the same GPT with torch's scaled_dot_product_attention in place of
 lmkernels.attention, torch.optim.AdamW (its default implementation on CPU) and
 torch.nn.utils.clip_grad_norm_, in a plain eager loop. Ours is the trainer itself
-(lmkernels.train.train), whose per-iteration timings exclude evaluation. The two run
+(lmkernels.train.train), whose per-iteration timings exclude evaluation. With --model llama both
+train the same Llama (same config names mapped by lmkernels.train.models); the reference swaps
+every lmkernels op the Llama calls (rms_norm, add_rms_norm, rotary_embedding, swiglu,
+attention, fused_linear_cross_entropy) for its eager PyTorch composition. The two run
 alternately in segments of the same length, and the table reports median time per
 iteration, tokens/s, their ratio, and the mean loss of the last iterations of each.
 
     PYTHONPATH=. python3 bench/bench_train.py [--iters 200] [--rounds 2] [--write bench/results/train-cpu.md]
+    PYTHONPATH=. python3 bench/bench_train.py --model llama [--write bench/results/train-llama-cpu.md]
     PYTHONPATH=. python3 -m pytest bench/bench_train.py --benchmark-only   # one iteration each
 """
 import argparse
@@ -22,10 +26,10 @@ import time
 import torch
 
 import lmkernels
-from lmkernels.models.gpt import GPT, GPTConfig
 from lmkernels.train import TrainConfig, train
 from lmkernels.train.data import BatchSampler, prepare_data
 from lmkernels.train.loop import get_lr
+from lmkernels.train.models import build_model, model_args_from_config
 
 CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
 
@@ -34,15 +38,58 @@ def _sdpa(q, k, v, *, is_causal=False, scale=None, **_):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
 
 
+def _sdpa_gqa(q, k, v, *, is_causal=False, scale=None, **_):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                                            enable_gqa=k.size(1) != q.size(1))
+
+
+def _rms_norm(x, weight, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _add_rms_norm(x, residual, weight, eps=1e-6):
+    total = x + residual
+    return _rms_norm(total, weight, eps), total
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary(q, k, cos, sin, *, interleaved=False):
+    return ((q * cos + _rotate_half(q) * sin).to(q.dtype), (k * cos + _rotate_half(k) * sin).to(k.dtype))
+
+
+def _swiglu(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+def _linear_cross_entropy(hidden, weight, target, *, ignore_index=-100, **_):
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index)
+
+
+EAGER = {
+    "gpt": dict(attention=_sdpa),
+    "llama": dict(attention=_sdpa_gqa, rms_norm=_rms_norm, add_rms_norm=_add_rms_norm, rotary_embedding=_rotary,
+                  swiglu=_swiglu, fused_linear_cross_entropy=_linear_cross_entropy),
+}
+
+
 @contextlib.contextmanager
-def torch_attention():
-    """The reference model: the same GPT with PyTorch's SDPA as its attention."""
-    real = lmkernels.attention
-    lmkernels.attention = _sdpa
+def torch_attention(model: str = "gpt"):
+    """The reference model: the same model with eager PyTorch in place of the lmkernels ops
+    (for GPT, SDPA as its attention)."""
+    real = {name: getattr(lmkernels, name) for name in EAGER[model]}
+    for name, fn in EAGER[model].items():
+        setattr(lmkernels, name, fn)
     try:
         yield
     finally:
-        lmkernels.attention = real
+        for name, fn in real.items():
+            setattr(lmkernels, name, fn)
 
 
 def train_config(iters: int, out_dir: str, **extra) -> TrainConfig:
@@ -58,8 +105,7 @@ class Reference:
         self.cfg = cfg
         self.data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, verbose=False)
         torch.manual_seed(cfg.seed)  # the trainer's initialization
-        self.model = GPT(GPTConfig(vocab_size=self.data.vocab_size, dropout=cfg.dropout, bias=cfg.bias,
-                                   **{k: CONFIG[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}))
+        self.model = build_model(model_args_from_config(cfg, self.data.vocab_size))
         self.optimizer = torch.optim.AdamW(self.model.configure_optimizer_groups(cfg.weight_decay),
                                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.batch_size, cfg.seed)
@@ -68,7 +114,7 @@ class Reference:
         for group in self.optimizer.param_groups:
             group["lr"] = get_lr(it, self.cfg)
         x, y = self.sampler.get_batch("train", it)
-        with torch_attention():
+        with torch_attention(self.cfg.model):
             _, loss = self.model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -85,25 +131,26 @@ class Reference:
         return records
 
 
-def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, tail: int = 20) -> dict:
+def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, tail: int = 20,
+            model: str = "gpt") -> dict:
     names = ["ours", "reference"] + (["ours_compiled"] if compiled else [])
     times = {name: [] for name in names}
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = train_config(iters, tmp)
+        cfg = train_config(iters, tmp, model=model)
         for r in range(rounds):
             for name in names:
                 if name == "ours":
                     records = train(cfg)
                 elif name == "ours_compiled":  # the first iterations (compilation) are skipped below
-                    records = train(train_config(iters, tmp, compile=True))
+                    records = train(train_config(iters, tmp, compile=True, model=model))
                 else:
                     records = Reference(cfg).run(iters)
                 times[name] += [rec["dt_ms"] for rec in records[warmup:]]
                 losses.setdefault(name, statistics.fmean(rec["loss"] for rec in records[-tail:]))
     tokens = CONFIG["batch_size"] * CONFIG["block_size"]
     ms = {name: statistics.median(t) for name, t in times.items()}
-    return dict(ms=ms, tokens_per_s={n: 1000 * tokens / v for n, v in ms.items()}, losses=losses,
+    return dict(model=model, ms=ms, tokens_per_s={n: 1000 * tokens / v for n, v in ms.items()}, losses=losses,
                 ratio=ms["reference"] / ms["ours"], iters=iters, rounds=rounds, tail=tail,
                 ratio_compiled=ms["reference"] / ms["ours_compiled"] if compiled else None)
 
@@ -111,9 +158,11 @@ def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, t
 def table(result: dict) -> str:
     rows = ["| trainer | ms / iteration (median) | tokens/s | mean loss, last {tail} of {iters} iterations |".format(**result),
             "|---|---:|---:|---:|"]
-    names = {"ours": "lmkernels-train (lmkernels.attention, FusedAdamW)",
+    ops = "lmkernels.attention" if result["model"] == "gpt" else "lmkernels ops"
+    names = {"ours": f"lmkernels-train ({ops}, FusedAdamW)",
              "ours_compiled": "lmkernels-train --compile=true",
-             "reference": "eager PyTorch (SDPA, torch.optim.AdamW)"}
+             "reference": "eager PyTorch (SDPA" + ("" if result["model"] == "gpt" else ", eager ops")
+                          + ", torch.optim.AdamW)"}
     for key in [k for k in names if k in result["ms"]]:
         rows.append(f"| {names[key]} | {result['ms'][key]:.1f} | {result['tokens_per_s'][key]:,.0f} | "
                     f"{result['losses'][key]:.4f} |")
@@ -129,12 +178,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the trainer with compile=true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--model", default="gpt", choices=("gpt", "llama"), help="the trainer's --model")
     parser.add_argument("--write", default=None, help="also write the markdown to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = compare(args.iters, args.rounds, args.compile)
-    md = (f"## Trainer tokens/s, CPU\n\n{platform.processor() or platform.machine()}, "
+    result = compare(args.iters, args.rounds, args.compile, model=args.model)
+    md = (f"## Trainer tokens/s, CPU, model={args.model}\n\n{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus "
           f"(byte tokenizer); {args.rounds} alternating rounds of {args.iters} iterations each.\n\n{table(result)}\n")
     print(md)

@@ -1,4 +1,4 @@
-"""The GPT trainer behind `lmkernels-train` (also `python -m lmkernels.train`)."""
+"""The GPT/Llama trainer behind `lmkernels-train` (also `python -m lmkernels.train`)."""
 from lmkernels.train.config import TrainConfig, parse_args
 from lmkernels.train.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from lmkernels.train.loop import train

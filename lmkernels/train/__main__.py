@@ -1,4 +1,4 @@
-"""`lmkernels-train` / `python -m lmkernels.train`: train a GPT (see --help).
+"""`lmkernels-train` / `python -m lmkernels.train`: train a GPT or a Llama (--model; see --help).
 Exit status: 0 done, 2 a bad option, data file or checkpoint, 1 training stopped (non-finite loss,
 timed-out collective); each with one `lmkernels-train: error:` line naming the cause."""
 import sys

@@ -15,13 +15,19 @@ from lmkernels.train.errors import ConfigError
 @dataclass
 class TrainConfig:
     # model
+    model: str = field(default="gpt", metadata={
+        "help": "gpt (LayerNorm, GELU, tied embedding) or llama (RMSNorm, rotary, SwiGLU, GQA, no biases; "
+                "n_layer/n_head/n_embd/block_size map onto its num_hidden_layers/num_attention_heads/"
+                "hidden_size/max_position_embeddings, intermediate_size = 8/3 n_embd rounded up to 64)"})
     n_layer: int = field(default=4, metadata={"help": "Transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads (divisible by tp)"})
+    n_kv_head: int = field(default=0, metadata={
+        "help": "llama: key/value heads (grouped-query attention; divides n_head). 0: n_head"})
     n_embd: int = field(default=128, metadata={"help": "model width (divisible by n_head)"})
     block_size: int = field(default=64, metadata={"help": "context length in tokens"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches"})
-    bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm"})
-    rotary: bool = field(default=False, metadata={"help": "rotary positions instead of learned ones"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches (gpt only)"})
+    bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm (gpt; llama has none)"})
+    rotary: bool = field(default=False, metadata={"help": "rotary positions instead of learned ones (gpt; llama is always rotary)"})
     vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's; larger pads the vocabulary"})
     # data
     data: List[str] = field(default_factory=list, metadata={
@@ -85,7 +91,7 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmkernels-train",
-        description="Train a GPT on text (one process, or torchrun for data x tensor parallel).",
+        description="Train a GPT or a Llama on text (one process, or torchrun for data x tensor parallel).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         kind = {int: int, float: float, bool: _bool, str: str}.get(f.type)
@@ -143,6 +149,23 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if head_size % 8 or head_size > 256:
         raise ConfigError(f"head size n_embd / n_head = {head_size} must be a multiple of 8 and at most 256 "
                           f"(what lmkernels.attention supports)")
+    if cfg.model not in ("gpt", "llama"):
+        raise ConfigError(f"model must be 'gpt' or 'llama'; got {cfg.model!r}")
+    if cfg.n_kv_head < 0:
+        raise ConfigError(f"n_kv_head must be >= 0 (0: n_head); got {cfg.n_kv_head}")
+    if cfg.model == "gpt" and cfg.n_kv_head not in (0, cfg.n_head):
+        raise ConfigError(f"n_kv_head ({cfg.n_kv_head}) is for model=llama (grouped-query attention); "
+                          f"the GPT has n_head key/value heads")
+    if cfg.model == "llama":
+        if cfg.dropout:
+            raise ConfigError(f"dropout must be 0 with model=llama (the Llama has no dropout); got {cfg.dropout}")
+        kv = cfg.n_kv_head or cfg.n_head
+        if cfg.n_head % kv:
+            raise ConfigError(f"n_kv_head ({kv}) must divide n_head ({cfg.n_head}): each key/value head "
+                              f"serves a group of query heads")
+        if kv % cfg.tp:
+            raise ConfigError(f"tp ({cfg.tp}) must divide n_kv_head ({kv}): key/value heads are split across "
+                              f"tensor-parallel ranks")
     if cfg.n_head % cfg.tp:
         raise ConfigError(f"tp ({cfg.tp}) must divide n_head ({cfg.n_head}): attention heads are split "
                           f"across tensor-parallel ranks")

@@ -27,14 +27,15 @@ def main(argv=None) -> int:
 
     import torch  # noqa: F401  (before lmkernels._C, which links against it)
     import lmkernels  # noqa: F401
-    from lmkernels.distributed.tensor_parallel import merge_shards
+    from lmkernels.distributed.tp_utils import merge_shards
     from lmkernels.train.checkpoint import load_all_shards
+    from lmkernels.train.errors import USER_ERRORS
 
     try:
         shards = load_all_shards(args.out_dir)
         state = merge_shards([s["model"] for s in shards], shards[0]["tp_layout"])
         export_hf(state, shards[0]["model_args"], args.hf_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except (*USER_ERRORS, OSError, ValueError) as e:
         print(f"lmkernels-export: error: {e}", file=sys.stderr)
         return 2
     print(f"lmkernels-export: wrote {args.hf_dir}")
