@@ -137,7 +137,15 @@ class OverlappedOptimizer(torch.optim.Optimizer):
     def _make(self, groups: list) -> torch.optim.Optimizer:
         """An optimizer_class over `groups` that keeps its moments and step counts in ours."""
         opt = self.optimizer_class(groups, **self.defaults)
-        opt.state = self.state
+        if type(opt.state) is not type(self.state):
+            # The class keeps its state in a dict type of its own (FusedAdamW's tells its cached
+            # kernel plans when an entry is replaced, and converts a plain dict it is given into
+            # a new one, which would stop the sharing): adopt that type once, with our entries.
+            for param, entries in self.state.items():
+                opt.state[param].update(entries)
+            self.state = opt.state
+        else:
+            opt.state = self.state
         return opt
 
     def add_param_group(self, param_group: dict) -> None:
