@@ -34,15 +34,21 @@ def _sdpa(q, k, v, *, is_causal=False, scale=None, **_):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
 
 
+def _linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, **_):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index)
+
+
 @contextlib.contextmanager
 def torch_attention():
-    """The reference model: the same GPT with PyTorch's SDPA as its attention."""
-    real = lmkernels.attention
-    lmkernels.attention = _sdpa
+    """The reference model: the same GPT with PyTorch's SDPA as its attention and the eager
+    head + F.cross_entropy as its loss (in place of lmkernels.fused_linear_cross_entropy)."""
+    real = lmkernels.attention, lmkernels.fused_linear_cross_entropy
+    lmkernels.attention, lmkernels.fused_linear_cross_entropy = _sdpa, _linear_cross_entropy
     try:
         yield
     finally:
-        lmkernels.attention = real
+        lmkernels.attention, lmkernels.fused_linear_cross_entropy = real
 
 
 def train_config(iters: int, out_dir: str, **extra) -> TrainConfig:
