@@ -12,14 +12,14 @@ from lmkernels.models import GPT, GPTConfig
 
 def make(bias):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=24, bias=bias))
+    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, bias=bias))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_loss_is_fused_and_equals_eager(monkeypatch, bias):
     model = make(bias)
     if bias:  # a nonzero head bias, so that the fused op's bias path is what is compared
-        model.lm_head = nn.Linear(24, 97, bias=True)
+        model.lm_head = nn.Linear(32, 97, bias=True)
         model.lm_head.weight = model.transformer.wte.weight
     idx = torch.randint(0, 97, (3, 13))
     targets = idx.roll(-1, 1)
