@@ -60,3 +60,6 @@ def test_swapped_criterion_gets_the_logits():
     torch.testing.assert_close(loss, fused, rtol=1e-6, atol=1e-6)
     model.criterion = nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=0.1)  # not what the fused call does
     assert model(idx, idx)[0] is not None
+    model.criterion = nn.CrossEntropyLoss(ignore_index=-1)
+    assert model._fused_loss_applies()
+    assert not model.double()._fused_loss_applies()  # float64 (tests' ground truth): the eager path
