@@ -66,13 +66,13 @@ def _swiglu(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
-def _linear_cross_entropy(hidden, weight, target, *, ignore_index=-100, **_):
-    logits = torch.nn.functional.linear(hidden, weight).float()
+def _linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, **_):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
     return torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=ignore_index)
 
 
 EAGER = {
-    "gpt": dict(attention=_sdpa),
+    "gpt": dict(attention=_sdpa, fused_linear_cross_entropy=_linear_cross_entropy),
     "llama": dict(attention=_sdpa_gqa, rms_norm=_rms_norm, add_rms_norm=_add_rms_norm, rotary_embedding=_rotary,
                   swiglu=_swiglu, fused_linear_cross_entropy=_linear_cross_entropy),
 }
@@ -81,7 +81,7 @@ EAGER = {
 @contextlib.contextmanager
 def torch_attention(model: str = "gpt"):
     """The reference model: the same model with eager PyTorch in place of the lmkernels ops
-    (for GPT, SDPA as its attention)."""
+    (for GPT, SDPA as its attention and the eager head + F.cross_entropy as its loss)."""
     real = {name: getattr(lmkernels, name) for name in EAGER[model]}
     for name, fn in EAGER[model].items():
         setattr(lmkernels, name, fn)

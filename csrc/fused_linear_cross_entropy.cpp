@@ -1,5 +1,8 @@
 // Schemas and argument checks of torch.ops.lmkernels.fused_linear_cross_entropy_fwd / _bwd
-// (CPU kernel: cpu/fused_linear_cross_entropy_cpu.cpp; Triton: lmkernels/triton/fused_linear_cross_entropy.py).
+// (CPU kernel: cpu/fused_linear_cross_entropy_cpu.cpp, registered for the CPU key; CUDA tensors:
+// lmkernels/ops/fused_linear_cross_entropy.py runs the Triton launchers of
+// lmkernels/triton/fused_linear_cross_entropy.py after these same checks, reached through
+// lmkernels._C). backend: "auto", "cpu" or "triton" (there is no CUDA C++ kernel).
 #include "fused_linear_cross_entropy.h"
 
 #include <torch/library.h>
@@ -57,6 +60,39 @@ void check_flce_args(const char* op, const at::Tensor& hidden, const at::Tensor&
               chunk_size);
 }
 
+Reduction check_flce_fwd_args(const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& target, const std::optional<at::Tensor>& bias,
+                              double label_smoothing, double z_loss, std::optional<double> softcap,
+                              const std::string& reduction, int64_t chunk_size, bool compute_grad) {
+  const char* op = "fused_linear_cross_entropy";
+  check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
+  const Reduction red = parse_reduction(op, reduction);
+  TORCH_CHECK(!(compute_grad && red == Reduction::kNone), op,
+              ": compute_grad needs reduction 'mean' or 'sum' (a scalar loss)");
+  return red;
+}
+
+Reduction check_flce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                              const at::Tensor& weight, const at::Tensor& target,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+                              double label_smoothing, double z_loss, std::optional<double> softcap,
+                              const std::string& reduction, int64_t chunk_size) {
+  const char* op = "fused_linear_cross_entropy (backward)";
+  check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
+  const Reduction red = parse_reduction(op, reduction);
+  const int64_t N = hidden.size(0);
+  TORCH_CHECK(red == Reduction::kNone ? grad_loss.numel() == N : grad_loss.numel() == 1, op,
+              ": grad_loss must have the loss's shape; got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.device() == hidden.device(), op, ": grad_loss is on ", grad_loss.device(),
+              " but hidden is on ", hidden.device());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == at::kFloat, op,
+              ": lse must be float32 (N,) with N = ", N, "; got ", lse.scalar_type(), " ",
+              lse.sizes());
+  TORCH_CHECK(lse.device() == hidden.device(), op, ": lse is on ", lse.device(),
+              " but hidden is on ", hidden.device());
+  return red;
+}
+
 }  // namespace lmk
 
 TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
@@ -67,11 +103,13 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
   m.def(
       "fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
       "int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, "
-      "int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int chunk_size, bool compute_grad, *, str backend=\"auto\") "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Recomputes the logits chunk by chunk from the saved lse. grad_loss: () or (N,) as loss.
   // Returns (grad_hidden, grad_weight, grad_bias); grad_bias is empty without bias.
   m.def(
       "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, "
       "Tensor target, Tensor? bias, Tensor lse, int ignore_index, float label_smoothing, "
-      "float z_loss, float? softcap, str reduction, int chunk_size) -> (Tensor, Tensor, Tensor)");
+      "float z_loss, float? softcap, str reduction, int chunk_size, *, str backend=\"auto\") "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -12,6 +12,7 @@
 #include "adamw.h"
 #include "attention.h"
 #include "bucket.h"
+#include "fused_linear_cross_entropy.h"
 
 #define LMK_STR2(x) #x
 #define LMK_STR(x) LMK_STR2(x)
@@ -75,6 +76,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_attention_bwd_args", &lmk::check_attention_bwd_args,
         "attention_bwd's argument checks (grad_out, query, key, value, out, lse, grad_lse, "
         "window_left, window_right)");
+  m.def(
+      "check_flce_fwd_args",
+      [](const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+         const OptTensor& bias, double label_smoothing, double z_loss,
+         std::optional<double> softcap, const std::string& reduction, int64_t chunk_size,
+         bool compute_grad) {
+        lmk::check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss, softcap,
+                                 reduction, chunk_size, compute_grad);
+      },
+      "fused_linear_cross_entropy_fwd's argument checks (schema order, without ignore_index "
+      "and backend)");
+  m.def(
+      "check_flce_bwd_args",
+      [](const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+         const at::Tensor& target, const OptTensor& bias, const at::Tensor& lse,
+         double label_smoothing, double z_loss, std::optional<double> softcap,
+         const std::string& reduction, int64_t chunk_size) {
+        lmk::check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse, label_smoothing,
+                                 z_loss, softcap, reduction, chunk_size);
+      },
+      "fused_linear_cross_entropy_bwd's argument checks (schema order, without ignore_index "
+      "and backend)");
 
 #ifdef LMK_WITH_CUDA
   // The CUDA C++ kernels, for the ops' CUDA backend tables (each checks its arguments).

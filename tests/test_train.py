@@ -219,12 +219,12 @@ def test_gpt_is_causal_and_tied(rotary):
     model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16, rotary=rotary))
     assert model.lm_head.weight is model.transformer.wte.weight
     idx = torch.randint(0, 40, (2, 11))
-    logits, loss = model(idx, idx)
+    logits, loss = model.logits(idx), model(idx, idx)[1]
     assert logits.shape == (2, 11, 40) and math.isfinite(loss.item())
     changed = idx.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % 40  # the future must not leak into positions < 7
-    torch.testing.assert_close(model(changed, changed)[0][:, :7], logits[:, :7], rtol=0, atol=0)
-    assert not torch.equal(model(changed, changed)[0][:, 7:], logits[:, 7:])
+    torch.testing.assert_close(model.logits(changed)[:, :7], logits[:, :7], rtol=0, atol=0)
+    assert not torch.equal(model.logits(changed)[:, 7:], logits[:, 7:])
     with pytest.raises(ValueError, match="exceeds block_size 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     assert model.generate(idx[:1, :3], 5).shape == (1, 8)

@@ -24,6 +24,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../checks.h"
 #include "../fused_linear_cross_entropy.h"
 
 namespace lmk {
@@ -243,10 +244,9 @@ flce_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tenso
              double z_loss, std::optional<double> softcap, c10::string_view reduction,
              int64_t chunk_size, bool compute_grad) {
   const char* op = "fused_linear_cross_entropy";
-  check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
-  const Reduction red = parse_reduction(op, std::string(reduction));
-  TORCH_CHECK(!(compute_grad && red == Reduction::kNone), op,
-              ": compute_grad needs reduction 'mean' or 'sum' (a scalar loss)");
+  const Reduction red = check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss,
+                                            softcap, std::string(reduction), chunk_size,
+                                            compute_grad);
   const at::Tensor tgt = target.contiguous();
   check_targets(op, tgt, weight.size(0), ignore_index);
   const LossOptions o{ignore_index, float(label_smoothing), float(z_loss),
@@ -268,15 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_bwd_cpu(
     const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
     c10::string_view reduction, int64_t chunk_size) {
-  const char* op = "fused_linear_cross_entropy (backward)";
-  check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
-  const Reduction red = parse_reduction(op, std::string(reduction));
-  const int64_t N = hidden.size(0);
-  TORCH_CHECK(red == Reduction::kNone ? grad_loss.numel() == N : grad_loss.numel() == 1, op,
-              ": grad_loss must have the loss's shape; got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == at::kFloat, op,
-              ": lse must be float32 (N,) with N = ", N, "; got ", lse.scalar_type(), " ",
-              lse.sizes());
+  const Reduction red = check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse,
+                                            label_smoothing, z_loss, softcap,
+                                            std::string(reduction), chunk_size);
   const at::Tensor tgt = target.contiguous();
   const LossOptions o{ignore_index, float(label_smoothing), float(z_loss),
                       float(softcap.value_or(0.0))};
@@ -286,10 +280,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_bwd_cpu(
           bias.has_value() ? r.grad_bias.to(bias->scalar_type()) : hidden.new_empty({0})};
 }
 
+// The schemas' CPU entries: the trailing `backend` argument, then the kernels above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+flce_fwd_cpu_op(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                const std::optional<at::Tensor>& bias, int64_t ignore_index,
+                double label_smoothing, double z_loss, std::optional<double> softcap,
+                c10::string_view reduction, int64_t chunk_size, bool compute_grad,
+                std::string_view backend) {
+  check_cpu_backend("fused_linear_cross_entropy_fwd", backend,
+                    "lmkernels.triton.fused_linear_cross_entropy.flce_fwd");
+  return flce_fwd_cpu(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
+                      softcap, reduction, chunk_size, compute_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_bwd_cpu_op(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
+    c10::string_view reduction, int64_t chunk_size, std::string_view backend) {
+  check_cpu_backend("fused_linear_cross_entropy_bwd", backend,
+                    "lmkernels.triton.fused_linear_cross_entropy.flce_bwd");
+  return flce_bwd_cpu(grad_loss, hidden, weight, target, bias, lse, ignore_index,
+                      label_smoothing, z_loss, softcap, reduction, chunk_size);
+}
+
 }  // namespace
 }  // namespace lmk
 
 TORCH_LIBRARY_IMPL(lmkernels, CPU, m) {
-  m.impl("fused_linear_cross_entropy_fwd", &lmk::flce_fwd_cpu);
-  m.impl("fused_linear_cross_entropy_bwd", &lmk::flce_bwd_cpu);
+  m.impl("fused_linear_cross_entropy_fwd", &lmk::flce_fwd_cpu_op);
+  m.impl("fused_linear_cross_entropy_bwd", &lmk::flce_bwd_cpu_op);
 }

@@ -5,6 +5,12 @@ No parallel code lives here. Tensor parallelism is applied from outside by
 `lmkernels.distributed.tensor_parallel.parallelize`, which swaps submodules (Linear, Embedding,
 the loss) for sharded ones; the model only has to infer its local number of heads from the
 width of what c_attn returns, and compute its loss through the `criterion` submodule.
+
+The loss: with a plain nn.Linear head and nn.CrossEntropyLoss criterion (the unparallelized
+model) it is `lmkernels.fused_linear_cross_entropy`, which never materializes the (B, T, V)
+logits, and forward returns (None, loss). Once TP has swapped the head and criterion for
+vocab-parallel ones, forward computes the local logits and calls the criterion on them, and
+returns (logits, loss).
 """
 import math
 from dataclasses import dataclass
@@ -141,7 +147,8 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def hidden_states(self, idx):
+        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
@@ -154,12 +161,37 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rotary)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def _fused_loss_applies(self) -> bool:
+        """True while head and criterion are the plain modules built in __init__ (not the
+        vocab-parallel ones TP swaps in) with options the fused op reproduces exactly, in a
+        dtype it has kernels for (a float64 copy, as tests use for ground truth, runs eager)."""
+        c = self.criterion
+        return (type(self.lm_head) is nn.Linear and type(c) is nn.CrossEntropyLoss
+                and c.weight is None and c.reduction == "mean" and c.label_smoothing == 0.0
+                and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    def forward(self, idx, targets=None):
+        """Training (targets given): (None, mean loss) through the fused linear cross-entropy,
+        or (logits, loss) through the criterion once TP has made it vocab-parallel.
+        Inference: (logits of the last position (B, 1, V), None)."""
+        x = self.hidden_states(idx)
         if targets is None:  # inference: only the last position is needed
             return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)  # (B, T, V), or (B, T, V / tp) under tensor parallelism
+        if self._fused_loss_applies():
+            loss = lmkernels.fused_linear_cross_entropy(x, self.lm_head.weight, targets,
+                                                        bias=self.lm_head.bias,
+                                                        ignore_index=self.criterion.ignore_index)
+            return None, loss
+        B, T = idx.size()
+        logits = self.lm_head(x)  # (B, T, V / tp) under tensor parallelism
         loss = self.criterion(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    def logits(self, idx):
+        """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
+        return self.lm_head(self.hidden_states(idx))
 
     def configure_optimizer_groups(self, weight_decay: float):
         """Two parameter groups: matrices and embeddings decay, biases and norms do not."""

@@ -1,10 +1,13 @@
 """fused_linear_cross_entropy: the LM head and the cross-entropy loss in one chunked pass.
 
-torch.ops.lmkernels.fused_linear_cross_entropy_fwd / _bwd   C++ CPU kernel
-        (csrc/cpu/fused_linear_cross_entropy_cpu.cpp); on CUDA tensors the Triton launchers
-torch.ops.lmkernels.fused_linear_cross_entropy_fwd_triton / _bwd_triton   the Triton path on any
-        device (CPU tensors under TRITON_INTERPRET=1, as the tests do)
-        (lmkernels/triton/fused_linear_cross_entropy.py)
+torch.ops.lmkernels.fused_linear_cross_entropy_fwd / _bwd   schemas and argument checks:
+                  csrc/fused_linear_cross_entropy.cpp
+    CPU tensors   the C++ kernel (csrc/cpu/fused_linear_cross_entropy_cpu.cpp)
+    CUDA tensors  `_fwd_on_cuda` / `_bwd_on_cuda` below: the Triton launchers of
+                  lmkernels/triton/fused_linear_cross_entropy.py after the C++ checks (there is
+                  no CUDA C++ kernel: backend='cuda' is an error, LMK_BACKEND=cuda runs Triton)
+How `backend=` and LMK_BACKEND choose: lmkernels/ops/_common.py. The interpreter tests call the
+Triton launchers (flce_fwd / flce_bwd) directly on CPU tensors.
 
 Never materializes the (N, V) logits or their gradient: chunks of C token rows go through
 X = h W^T + b, the loss and dX = d(loss)/dX, then dh = dX W and dW += dX^T h. When a
@@ -17,6 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from lmkernels._extension import load_extension
+from lmkernels.ops._common import BackendTable
 from lmkernels.reference.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 from lmkernels.triton import fused_linear_cross_entropy as kernels
 
@@ -64,9 +69,26 @@ def check_flce_args(hidden, weight, target, bias, label_smoothing, z_loss, softc
         raise ValueError(f"{_OP}: chunk_size must be None (automatic) or an int >= 1; got {chunk_size}")
 
 
-# ---------------------------------------------------------------- fakes, CUDA, Triton ops
+# ---------------------------------------------------------------- fakes (shapes for tracing)
+def _check_shapes(op, hidden, weight, target, bias):
+    torch._check_value(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D (N, H); got shape {tuple(hidden.shape)}")
+    torch._check_value(weight.dim() == 2 and weight.shape[1] == hidden.shape[1], lambda: (
+        f"{op}: weight must be (V, H) with H = {hidden.shape[1]}; got shape {tuple(weight.shape)}"))
+    torch._check_type(weight.dtype == hidden.dtype, lambda: f"{op}: weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
+    torch._check_value(target.dim() == 1 and target.shape[0] == hidden.shape[0], lambda: (
+        f"{op}: target must be 1-D (N,) with N = {hidden.shape[0]}; got shape {tuple(target.shape)}"))
+    if bias is not None:
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == weight.shape[0], lambda: (
+            f"{op}: bias must be (V,) with V = {weight.shape[0]}; got shape {tuple(bias.shape)}"))
+
+
+@torch.library.register_fake(f"lmkernels::{_OP}_fwd")
 def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-              reduction, chunk_size, compute_grad):
+              reduction, chunk_size, compute_grad, *, backend="auto"):
+    _check_shapes(f"{_OP}_fwd", hidden, weight, target, bias)
+    torch._check_value(reduction in _REDUCTIONS, lambda: f"{_OP}_fwd: reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+    torch._check_value(not (compute_grad and reduction == "none"), lambda: (
+        f"{_OP}_fwd: compute_grad needs reduction 'mean' or 'sum' (a scalar loss)"))
     N = hidden.shape[0]
     loss_shape = (N,) if reduction == "none" else ()
     f32 = dict(dtype=torch.float32)
@@ -77,50 +99,58 @@ def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_los
     return loss, z, lse, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
+@torch.library.register_fake(f"lmkernels::{_OP}_bwd")
 def _bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss,
-              softcap, reduction, chunk_size):
+              softcap, reduction, chunk_size, *, backend="auto"):
+    _check_shapes(f"{_OP}_bwd", hidden, weight, target, bias)
+    torch._check_value(lse.dim() == 1 and lse.shape[0] == hidden.shape[0], lambda: (
+        f"{_OP}_bwd: lse must be (N,) with N = {hidden.shape[0]}; got shape {tuple(lse.shape)}"))
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty((0,))
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
-torch.library.register_fake(f"lmkernels::{_OP}_fwd")(_fwd_fake)
-torch.library.register_fake(f"lmkernels::{_OP}_bwd")(_bwd_fake)
-# On CUDA tensors the C++ schema runs the Triton path (the Python entry point checks arguments).
-torch.library.impl(f"lmkernels::{_OP}_fwd", "CUDA")(kernels.flce_fwd)
-torch.library.impl(f"lmkernels::{_OP}_bwd", "CUDA")(kernels.flce_bwd)
-
-_Out6 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op(f"lmkernels::{_OP}_fwd_triton", mutates_args=())
-def _fwd_triton(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
-                z_loss: float, softcap: Optional[float], reduction: str, chunk_size: int,
-                compute_grad: bool) -> _Out6:
+# ---------------------------------------------------------------- CUDA tensors: backend table
+def _fwd_triton(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, chunk_size, compute_grad):
+    load_extension().check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss,
+                                         softcap, reduction, chunk_size, compute_grad)
     return kernels.flce_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
                             softcap, reduction, chunk_size, compute_grad)
 
 
-@torch.library.custom_op(f"lmkernels::{_OP}_bwd_triton", mutates_args=())
-def _bwd_triton(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                target: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor,
-                ignore_index: int, label_smoothing: float, z_loss: float,
-                softcap: Optional[float], reduction: str, chunk_size: int
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_triton(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing,
+                z_loss, softcap, reduction, chunk_size):
+    load_extension().check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse,
+                                         label_smoothing, z_loss, softcap, reduction, chunk_size)
     return kernels.flce_bwd(grad_loss, hidden, weight, target, bias, lse, ignore_index,
                             label_smoothing, z_loss, softcap, reduction, chunk_size)
 
 
-_fwd_triton.register_fake(_fwd_fake)
-_bwd_triton.register_fake(_bwd_fake)
+FWD_TABLE = BackendTable(f"{_OP}_fwd", {"triton": _fwd_triton})
+BWD_TABLE = BackendTable(f"{_OP}_bwd", {"triton": _bwd_triton})
+
+
+@torch.library.impl(f"lmkernels::{_OP}_fwd", "CUDA")
+def _fwd_on_cuda(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                 reduction, chunk_size, compute_grad, *, backend="auto"):
+    return FWD_TABLE.pick(backend)(hidden, weight, target, bias, ignore_index, label_smoothing,
+                                   z_loss, softcap, reduction, chunk_size, compute_grad)
+
+
+@torch.library.impl(f"lmkernels::{_OP}_bwd", "CUDA")
+def _bwd_on_cuda(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing,
+                 z_loss, softcap, reduction, chunk_size, *, backend="auto"):
+    return BWD_TABLE.pick(backend)(grad_loss, hidden, weight, target, bias, lse, ignore_index,
+                                   label_smoothing, z_loss, softcap, reduction, chunk_size)
 
 
 # ---------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
     hidden, weight, target, bias, *opts = inputs
     _, z, lse, gh, gw, gb = output
     compute_grad = opts[-1]
     ctx.opts = tuple(opts[:-1])  # ignore_index .. chunk_size, as the bwd op takes them
+    ctx.backend = keyword_only_inputs.get("backend", "auto")
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, target, bias, lse)
     # Gradients for a unit upstream gradient, from the forward's chunk loop: used (and scaled
@@ -130,26 +160,21 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_loss, *_unused):
-        if grad_loss is None:
-            return (None,) * 11
-        hidden, weight, target, bias, lse = ctx.saved_tensors
-        if ctx.grads is not None:
-            gh, gw, gb = ctx.grads
-            ctx.grads = None
-            gh, gw, gb = gh.mul_(grad_loss), gw.mul_(grad_loss), gb.mul_(grad_loss)
-        else:
-            gh, gw, gb = bwd_op(grad_loss, hidden, weight, target, bias, lse, *ctx.opts)
-        return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 7
-
-    return backward
+def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 11
+    hidden, weight, target, bias, lse = ctx.saved_tensors
+    if ctx.grads is not None:
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        gh, gw, gb = gh.mul_(grad_loss), gw.mul_(grad_loss), gb.mul_(grad_loss)
+    else:
+        gh, gw, gb = torch.ops.lmkernels.fused_linear_cross_entropy_bwd(
+            grad_loss, hidden, weight, target, bias, lse, *ctx.opts, backend=ctx.backend)
+    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 7
 
 
-torch.library.register_autograd(f"lmkernels::{_OP}_fwd", _make_backward(torch.ops.lmkernels.fused_linear_cross_entropy_bwd),
-                                setup_context=_setup_context)
-torch.library.register_autograd(f"lmkernels::{_OP}_fwd_triton", _make_backward(torch.ops.lmkernels.fused_linear_cross_entropy_bwd_triton),
-                                setup_context=_setup_context)
+torch.library.register_autograd(f"lmkernels::{_OP}_fwd", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- public function
@@ -177,7 +202,8 @@ def fused_linear_cross_entropy(
     target). The loss is float32 (fp32 accumulation whatever the input dtype). return_z: also
     return the z-loss term (already inside loss; not differentiable, for logging).
     chunk_size: token rows per chunk (None: about 8M logits per chunk). backend: "auto" (C++
-    on CPU, Triton on CUDA), "cpu", "triton" or "reference" (pure PyTorch, float32).
+    on CPU, Triton on CUDA), "cpu" (CPU tensors), "triton" (CUDA tensors) or "reference"
+    (pure PyTorch, float32).
     Differentiable in hidden, weight and bias.
     """
     check_flce_args(hidden, weight, target, bias, label_smoothing, z_loss, softcap, reduction, chunk_size)
@@ -187,18 +213,12 @@ def fused_linear_cross_entropy(
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
             compute_dtype=torch.float32)
         return (loss, z) if return_z else loss
-    # TEMPORARY (being moved to the one-schema pattern): CPU tensors -> C++, else Triton.
-    if backend not in ("auto", "cpu", "triton"):
-        raise ValueError(f"{_OP}: backend must be 'auto', 'cpu', 'triton' or 'reference'; got {backend!r}")
-    which = "cpu" if hidden.device.type == "cpu" and backend != "triton" else "triton"
-    op = (torch.ops.lmkernels.fused_linear_cross_entropy_fwd if which == "cpu"
-          else torch.ops.lmkernels.fused_linear_cross_entropy_fwd_triton)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    loss, z, *_ = op(h2, weight, target.reshape(-1), bias, int(ignore_index), float(label_smoothing),
-                     float(z_loss), None if softcap is None else float(softcap), reduction,
-                     int(chunk_size or 0), needs_grad and reduction != "none")
+    loss, z, *_ = torch.ops.lmkernels.fused_linear_cross_entropy_fwd(
+        h2, weight, target.reshape(-1), bias, int(ignore_index), float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap), reduction, int(chunk_size or 0), needs_grad and reduction != "none", backend=backend)
     if reduction == "none":
         loss, z = loss.reshape(target.shape), z.reshape(target.shape)
     return (loss, z) if return_z else loss
