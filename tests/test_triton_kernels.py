@@ -147,3 +147,14 @@ def test_attention_autotune_key_buckets_lengths():
     assert set(tri_attention._AUTOTUNE_KEY) <= set(tri_attention.attention_fwd_kernel.arg_names)
     assert {"T", "S", "LEFT", "RIGHT"}.isdisjoint(tri_attention._AUTOTUNE_KEY)
     assert math.isfinite(tri_attention._bucket(1))
+
+
+def test_attention_padded_head_dim_has_own_tile_class():
+    """bf16/fp16 head dims that pad BLOCK_D (72 -> 128) keep more registers live than D = 64 or
+    128 and spill with the power-of-two class's tiles on sm_90: they must get their own configs."""
+    from lmkernels.triton import attention as att
+    for dtype in (torch.bfloat16, torch.float16):
+        assert att._tile_class(dtype, 72) == att.LOW_PADDED_D
+        assert att._tile_class(dtype, 64) == att._tile_class(dtype, 128) == att.LOW_SMALL_D
+        assert att._tile_class(dtype, 256) == att.LOW_BIG_D
+    assert att._tile_class(torch.float32, 72) == att.FP32_SMALL_D

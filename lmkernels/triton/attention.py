@@ -51,14 +51,20 @@ from lmkernels.triton._compile_spec import ArgTensor, CompileSpec, Launch
 LOG2E = 1.4426950408889634
 
 # Tile classes (a config's TILE_CLASS kwarg; the prune keeps the launch's class only).
-LOW_SMALL_D, LOW_BIG_D, FP32_SMALL_D, FP32_BIG_D = 0, 1, 2, 3
+# LOW_PADDED_D: bf16/fp16 head dims <= 128 that are not a power of two (e.g. 72): BLOCK_D pads
+# to the next power of two and the masked loads keep more registers live, so they take
+# smaller tiles than LOW_SMALL_D to stay spill-free.
+LOW_SMALL_D, LOW_BIG_D, FP32_SMALL_D, FP32_BIG_D, LOW_PADDED_D = 0, 1, 2, 3, 4
 
 
-def _tile_class(dtype, block_d: int) -> int:
+def _tile_class(dtype, head_dim: int) -> int:
+    block_d = _block_d(head_dim)
     big = block_d > 128
     if dtype == torch.float32:
         return FP32_BIG_D if big else FP32_SMALL_D
-    return LOW_BIG_D if big else LOW_SMALL_D
+    if big:
+        return LOW_BIG_D
+    return LOW_SMALL_D if block_d == head_dim else LOW_PADDED_D
 
 
 def _configs(per_class):
@@ -79,19 +85,26 @@ def _configs(per_class):
 # split in registers) takes 64-wide tiles.
 _FWD_CONFIGS = _configs({
     LOW_SMALL_D: [(128, 64, 8, 3), (128, 64, 8, 2)],
+    LOW_PADDED_D: [(128, 32, 8, 2)],
     LOW_BIG_D: [(64, 64, 4, 2), (64, 32, 4, 2)],
     FP32_SMALL_D: [(64, 32, 4, 2)],
     FP32_BIG_D: [(32, 32, 4, 1)],
 })
+# sm_90 compile gate, bf16 D = 128 dK/dV (BLOCK_M streamed x BLOCK_N held): 64x64 w8 s2 spills
+# 152 B, 32x64 w8 40 B, 32x32 w4 8 B; holding 32 K/V rows with 8 warps is spill-free (64x32
+# 250 regs, 32x32 223). D = 72 (padded): fwd 128x32 w8 and dQ 128x16 w8 are spill-free; every
+# dK/dV tile tried (16x16 .. 64x32, 4/8 warps) spills, smaller tiles not less.
 # D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill the registers.
 _DKDV_CONFIGS = _configs({
-    LOW_SMALL_D: [(64, 64, 8, 2), (32, 32, 4, 3)],
+    LOW_SMALL_D: [(64, 32, 8, 2), (32, 32, 8, 2)],
+    LOW_PADDED_D: [(16, 16, 4, 1)],  # still spills 472 B on sm_90 (open: see the gate table)
     LOW_BIG_D: [(32, 32, 8, 1), (16, 32, 4, 1)],
     FP32_SMALL_D: [(32, 64, 4, 1)],
     FP32_BIG_D: [(16, 32, 4, 1)],
 })
 _DQ_CONFIGS = _configs({
     LOW_SMALL_D: [(128, 64, 8, 3), (128, 32, 8, 3)],
+    LOW_PADDED_D: [(128, 16, 8, 2), (128, 16, 8, 1)],
     LOW_BIG_D: [(32, 32, 8, 1), (64, 32, 8, 1)],
     FP32_SMALL_D: [(64, 32, 4, 1)],
     FP32_BIG_D: [(32, 16, 4, 1)],
@@ -107,9 +120,10 @@ def _smem_estimate(config, block_d: int, elem_bytes: int) -> int:
     return (2 * stages * max(m, n) + max(m, n)) * block_d * elem_bytes
 
 
-def _usable_configs(configs, dtype, block_d: int, shared_limit: int):
+def _usable_configs(configs, dtype, head_dim: int, shared_limit: int):
     """The configs of this launch's tile class that fit in shared_limit bytes."""
-    cls = _tile_class(dtype, block_d)
+    cls = _tile_class(dtype, head_dim)
+    block_d = _block_d(head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
     usable = [c for c in configs if c.kwargs["TILE_CLASS"] == cls
               and _smem_estimate(c, block_d, elem) <= shared_limit]
@@ -136,7 +150,7 @@ def _shared_limit(device) -> int:
 def _prune(configs, named_args, **kwargs):
     q = named_args["Q"]
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    return _usable_configs(configs, q.dtype, kwargs["BLOCK_D"], _shared_limit(device))
+    return _usable_configs(configs, q.dtype, named_args["D"], _shared_limit(device))
 
 
 # Bucketed lengths and the mask kind: what the tuned choice depends on (with D, GROUP, dtypes).
@@ -623,6 +637,6 @@ def compile_specs():
             for kernel, launch in (("attention_fwd", fwd), ("attention_bwd_dkdv", dkdv),
                                    ("attention_bwd_dq", dq_launch)):
                 configs = (lambda limit, launch=launch, D=D, dtype=dtype:
-                           _usable_configs(launch.kernel.configs, dtype, _block_d(D), limit))
+                           _usable_configs(launch.kernel.configs, dtype, D, limit))
                 yield CompileSpec(f"{kernel} {name}", launch, configs=configs, no_spills=no_spills)
             yield CompileSpec(f"attention_bwd_preprocess {name}", _preprocess_launch(out, g, None, lse, delta))
