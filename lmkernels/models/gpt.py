@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import lmkernels
+from lmkernels.models._causal_lm import CausalLM
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -188,17 +189,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V / tp) under tensor parallelism
         loss = self.criterion(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
-
-    def logits(self, idx):
-        """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
-        return self.lm_head(self.hidden_states(idx))
-
-    def configure_optimizer_groups(self, weight_decay: float):
-        """Two parameter groups: matrices and embeddings decay, biases and norms do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus attention's 12 L H Q T / 2,

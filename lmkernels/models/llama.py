@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import lmkernels
+from lmkernels.models._causal_lm import CausalLM
 
 
 @dataclass
@@ -139,7 +140,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     ignore_index = -1  # target value that counts for nothing (the trainer's convention, as GPT)
 
     def __init__(self, config: LlamaConfig):
@@ -183,17 +184,6 @@ class Llama(nn.Module):
         loss = lmkernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets,
                                                     ignore_index=self.ignore_index)
         return None, loss
-
-    def logits(self, idx):
-        """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
-        return self.lm_head(self.hidden_states(idx))
-
-    def configure_optimizer_groups(self, weight_decay: float):
-        """Two parameter groups: matrices and embeddings decay, norm weights do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token: 6 N plus causal attention's 6 L nh hd T (PaLM appendix B)."""
