@@ -308,15 +308,19 @@ TRAIN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, gradie
 def _trainer_zero2(text_path, cache_dir, out_dir):
     """--zero=2 on 2 ranks: a straight run, and a run stopped at 4 and resumed, give the same
     losses; the checkpoint holds one optimizer file per DP rank."""
+    _straight_and_resumed_match(dict(TRAIN, data=[text_path], data_cache=cache_dir), 4, 6, out_dir)
+    return True
+
+
+def _straight_and_resumed_match(common, stop, total, out_dir):
+    """A run of `total` iterations, and a run stopped at `stop` and resumed, log the same losses."""
     from lmkernels.train import TrainConfig, train
 
-    common = dict(TRAIN, data=[text_path], data_cache=cache_dir)
-    straight = train(TrainConfig(**common, max_iters=6, out_dir=f"{out_dir}/straight"))
-    train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/resumed"))
-    resumed = train(TrainConfig(**common, max_iters=6, out_dir=f"{out_dir}/resumed", init_from="resume"))
-    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[4:]]
-    assert [r["iter"] for r in resumed] == [4, 5] and got == want, (got, want)
-    return True
+    straight = train(TrainConfig(**common, max_iters=total, out_dir=f"{out_dir}/straight"))
+    train(TrainConfig(**common, max_iters=stop, out_dir=f"{out_dir}/resumed"))
+    resumed = train(TrainConfig(**common, max_iters=total, out_dir=f"{out_dir}/resumed", init_from="resume"))
+    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[stop:]]
+    assert [r["iter"] for r in resumed] == list(range(stop, total)) and got == want, (got, want)
 
 
 def test_trainer_zero2_resumes_exactly_and_at_one_rank(tmp_path):
@@ -352,14 +356,8 @@ def test_trainer_zero2_resumes_exactly_and_at_one_rank(tmp_path):
 def _trainer_zero1_tp2(text_path, cache_dir, out_dir):
     """--zero=1 --tp=2 on 4 processes (DP 2 x TP 2): the sharding runs over the DP group, the
     clipping norm over DP and TP; a resumed run repeats the straight run's losses."""
-    from lmkernels.train import TrainConfig, train
-
     common = dict(TRAIN, data=[text_path], data_cache=cache_dir, zero=1, tp=2, gradient_accumulation_steps=1)
-    straight = train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/straight"))
-    train(TrainConfig(**common, max_iters=2, out_dir=f"{out_dir}/resumed"))
-    resumed = train(TrainConfig(**common, max_iters=4, out_dir=f"{out_dir}/resumed", init_from="resume"))
-    got, want = [r["loss"] for r in resumed], [r["loss"] for r in straight[2:]]
-    assert [r["iter"] for r in resumed] == [2, 3] and got == want, (got, want)
+    _straight_and_resumed_match(common, 2, 4, out_dir)
     return True
 
 

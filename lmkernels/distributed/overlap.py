@@ -33,6 +33,21 @@ CLIP_REFUSAL = ("an OverlappedOptimizer cannot clip gradients: clipping needs th
                 "model.clip_grad_norm_(max_norm) and then optimizer.step()")
 
 
+def param_group_index(owner: str, param_groups: list, model_params: list) -> dict:
+    """id(param) -> index of its param group; refuses a parameter the model does not train
+    (the optimizer steps the model's own gradient buckets, nothing else)."""
+    mine = {id(p) for p in model_params}
+    group_of = {}
+    for g, group in enumerate(param_groups):
+        for p in group["params"]:
+            if id(p) not in mine:
+                raise ValueError(f"{owner}: param group {g} holds a parameter of shape "
+                                 f"{list(p.shape)} that is not one of the model's parameters "
+                                 "that require grad")
+            group_of[id(p)] = g
+    return group_of
+
+
 class OverlappedOptimizer(torch.optim.Optimizer):
     """Runs `optimizer_class(bucket's param groups, **defaults)` per bucket of `model` (a
     BucketedDataParallel) as soon as that bucket's all-reduce completes.
@@ -59,19 +74,13 @@ class OverlappedOptimizer(torch.optim.Optimizer):
         self.model = model
         self.optimizer_class = optimizer_class
         super().__init__(model._params if params is None else params, defaults)
-        mine = {id(p) for p in model._params}
-        self._group_of: dict = {}  # id(param) -> index of its group in self.param_groups
         for g, group in enumerate(self.param_groups):
             for key in _CLIP_KEYS:
                 value = group.get(key)
                 if value is not None and value is not False and value != 0:
                     raise ValueError(f"{CLIP_REFUSAL} (param group {g} has {key}={value})")
-            for p in group["params"]:
-                if id(p) not in mine:
-                    raise ValueError(f"OverlappedOptimizer: param group {g} holds a parameter of "
-                                     f"shape {list(p.shape)} that is not one of the model's "
-                                     "parameters that require grad")
-                self._group_of[id(p)] = g
+        # id(param) -> index of its group in self.param_groups
+        self._group_of = param_group_index("OverlappedOptimizer", self.param_groups, model._params)
         self._bucket_optimizers: list = []
         self._bucket_groups: list = []  # per bucket: the user group index of each sub-group
         self.rebuild()

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from lmkernels.distributed.overlap import param_group_index
 from lmkernels.ops.adamw import fused_adamw_
 
 __all__ = ["ShardedAdamW", "consolidate"]
@@ -46,14 +47,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.model = model
         self.backend = backend
         name_of = {id(p): n for n, p in zip(model._names, model._params)}
-        self._group_of: dict = {}
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if id(p) not in name_of:
-                    raise ValueError(f"ShardedAdamW: param group {g} holds a parameter of shape "
-                                     f"{list(p.shape)} that is not one of the model's parameters "
-                                     "that require grad")
-                self._group_of[id(p)] = g
+        self._group_of = param_group_index("ShardedAdamW", self.param_groups, model._params)
         missing = [n for n, p in zip(model._names, model._params) if id(p) not in self._group_of]
         if missing:
             raise ValueError(f"ShardedAdamW: every parameter of the model must be in a param "

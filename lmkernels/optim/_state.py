@@ -16,7 +16,21 @@ from collections import defaultdict
 _MISSING = object()
 
 
-class ParamState(dict):
+class _UpdatesThroughSetitem:
+    """dict.update and |= bypass __setitem__; route them through it so replacements are seen."""
+
+    __slots__ = ()
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+class ParamState(_UpdatesThroughSetitem, dict):
     """One parameter's state (step, exp_avg, ...); marks the plans that use it stale when an
     entry changes identity. In-place tensor updates (`state["step"] += 1`) change nothing."""
 
@@ -62,19 +76,11 @@ class ParamState(dict):
             self[key] = default
         return self[key]
 
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
     def __reduce__(self):
         return dict, (dict(self),)
 
 
-class OptimizerState(defaultdict):
+class OptimizerState(_UpdatesThroughSetitem, defaultdict):
     """Optimizer.state (param -> ParamState). Replacing or removing a parameter's state marks
     the plans that used the old one stale; a plain dict stored here becomes a ParamState."""
 
@@ -114,14 +120,6 @@ class OptimizerState(defaultdict):
         if key not in self:
             self[key] = {} if default is None else default
         return self[key]
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
 
     @staticmethod
     def _forget(value) -> None:
