@@ -154,6 +154,10 @@ def _overlap_evidence(seconds=0.5):
         # report completion before wait(), so the launch is the evidence)
         assert early == upper_buckets, (step, early)
         assert all(p.grad is None for p in model.module.parameters()), "zero=2 kept full grads"
+        # the previous step's parameter all-gathers, waited by this step's forward, one per bucket
+        gathers = model.last_timeline.gathers
+        assert sorted(g.index for g in gathers) == (list(range(len(model.bucket_layout))) if step else [])
+        assert all(g.launch <= g.done <= events[0].launch for g in gathers), gathers
         opt.step()
         report.append(len(early))
     return report

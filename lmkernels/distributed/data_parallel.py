@@ -273,7 +273,9 @@ class BucketedDataParallel(nn.Module):
                                f"backward's buckets are still in flight. {_AGAIN}")
         syncing = self._require_sync and torch.is_grad_enabled()
         if syncing and self.record_timeline and not self._in_flight:
-            self._timeline = StepTimeline(forward_start=time.perf_counter())
+            # gathers: ZeRO all-gathers waited since the last step ended (before this forward)
+            self._timeline = StepTimeline(forward_start=time.perf_counter(),
+                                          gathers=self._timeline.gathers)
         out = self.module(*args, **kwargs)
         if syncing and self.record_timeline:
             # The module output's gradient marks the start of backward (cheap, host clock).

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from lmkernels.distributed.buckets import Bucket, make_bucket, padded_numel
 from lmkernels.distributed.data_parallel import BucketedDataParallel
-from lmkernels.distributed.timeline import BucketEvent
+from lmkernels.distributed.timeline import BucketEvent, GatherEvent
 
 __all__ = ["ShardedDataParallel"]
 
@@ -49,6 +49,7 @@ class Shard:
     flat_param: torch.Tensor            # the whole bucket's parameters (params are views of it)
     grad: torch.Tensor                  # this rank's averaged gradient shard (params' dtype)
     gather: Optional[object] = None     # the in-flight all-gather of the updated parameters
+    gather_launch: float = 0.0          # its launch time (host clock, for the timeline)
 
     @property
     def param(self) -> torch.Tensor:
@@ -208,6 +209,7 @@ class ShardedDataParallel(BucketedDataParallel):
         if self.world_size == 1:
             return
         for shard in self._shards:
+            shard.gather_launch = time.perf_counter()
             shard.gather = dist.all_gather_into_tensor(shard.flat_param, shard.param,
                                                        group=self.process_group, async_op=True)
         if self.gather_params == "step":
@@ -220,6 +222,10 @@ class ShardedDataParallel(BucketedDataParallel):
             if shard.gather is not None:
                 work, shard.gather = shard.gather, None
                 self._wait(work, f"the all-gather of parameter bucket {i} of {len(self._shards)}")
+                if self.record_timeline:
+                    nbytes = shard.flat_param.numel() * shard.flat_param.element_size()
+                    self._timeline.gathers.append(
+                        GatherEvent(i, nbytes, shard.gather_launch, time.perf_counter()))
 
     def _register_gather_waits(self) -> list:
         """A forward pre-hook on every module that owns parameters waits for its buckets."""

@@ -1,5 +1,7 @@
 """A cheap per-step record of when backward ran and when each bucket's all-reduce was
 launched and completed (host clock, time.perf_counter seconds), plus a plot of one step.
+Sharded data parallel also records its parameter all-gathers: launched by the previous step's
+optimizer, waited by this step's forward (GatherEvent.done is when the wait returned).
 
 Exposed communication is the time from the end of backward to the last bucket's completion:
 the part of the all-reduce that the step had to wait for. On CUDA the completion times are
@@ -19,12 +21,21 @@ class BucketEvent:
 
 
 @dataclass
+class GatherEvent:
+    index: int           # parameter bucket
+    nbytes: int          # the gathered bucket's bytes
+    launch: float
+    done: float
+
+
+@dataclass
 class StepTimeline:
     forward_start: Optional[float] = None
     backward_start: Optional[float] = None   # the module output's gradient arrived
     backward_end: Optional[float] = None     # autograd finished (end-of-backward callback)
     sync_end: Optional[float] = None         # finish_gradient_sync returned
     buckets: list = field(default_factory=list)
+    gathers: list = field(default_factory=list)  # GatherEvent (ZeRO parameter all-gathers)
 
     @property
     def last_done(self) -> Optional[float]:
@@ -63,6 +74,7 @@ def plot_timeline(steps: dict, path: str, title: str = "") -> None:
     fig, axes = plt.subplots(len(steps), 1, figsize=(12, 1.0 + 1.6 * len(steps)), squeeze=False)
     for ax, (label, tl) in zip(axes[:, 0], steps.items()):
         t0 = tl.forward_start if tl.forward_start is not None else tl.backward_start
+        t0 = min([t0] + [g.launch for g in tl.gathers])
         ms = lambda t: (t - t0) * 1e3  # noqa: E731
         end = tl.sync_end or tl.last_done or tl.backward_end
         if tl.backward_start is not None:
@@ -74,6 +86,11 @@ def plot_timeline(steps: dict, path: str, title: str = "") -> None:
             y = 0.1 + 1.7 * k / n
             ax.broken_barh([(ms(b.launch), max(ms(b.done) - ms(b.launch), 1e-3))], (y, 1.5 / n),
                            color="#fd8d3c", label="all-reduce in flight" if k == 0 else None)
+        for k, g in enumerate(sorted(tl.gathers, key=lambda g: g.launch)):
+            y = 0.1 + 1.7 * k / max(1, len(tl.gathers))
+            ax.broken_barh([(ms(g.launch), max(ms(g.done) - ms(g.launch), 1e-3))],
+                           (y, 1.5 / max(1, len(tl.gathers))), color="#74c476", alpha=0.7,
+                           label="param all-gather until waited" if k == 0 else None)
         if tl.backward_end is not None and tl.exposed_comm() > 0:
             ax.axvspan(ms(tl.backward_end), ms(tl.last_done), color="#de2d26", alpha=0.18,
                        label=f"exposed {tl.exposed_comm() * 1e3:.1f} ms")
