@@ -142,3 +142,30 @@ def test_generate_bad_arguments(bad, match):
 def test_zero_new_tokens_returns_the_prompt():
     idx = torch.randint(0, VOCAB, (2, 5))
     assert torch.equal(make_model("llama_gqa").generate(idx, 0), idx)
+
+
+def test_sampler_decodes_with_the_cache(monkeypatch):
+    """lmkernels-sample and the trainer's end-of-run sample (train.loop.sample_text) decode one
+    token at a time against the cache, and print what the no-cache path gives."""
+    from lmkernels.models import _causal_lm
+    from lmkernels.train.data import ByteTokenizer
+    from lmkernels.train.loop import sample_text
+
+    args = dict(model="gpt", n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=256, dropout=0.0,
+                bias=True, rotary=False)
+    torch.manual_seed(0)
+    state = GPT(GPTConfig(**{k: v for k, v in args.items() if k != "model"})).state_dict()
+    queries = []
+    attention = lmkernels.attention
+
+    def recording(q, k, v, **kw):
+        queries.append(q.shape[2])
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(lmkernels, "attention", recording)
+    text = sample_text(state, args, ByteTokenizer(), 10, torch.device("cpu"), seed=3, start="ab")
+    assert queries == [2] * 2 + [1] * 2 * 9  # prompt, then one query per token and layer
+
+    generate = _causal_lm.CausalLM.generate
+    monkeypatch.setattr(_causal_lm.CausalLM, "generate", lambda *a, **kw: generate(*a, **kw, use_cache=False))
+    assert sample_text(state, args, ByteTokenizer(), 10, torch.device("cpu"), seed=3, start="ab") == text
