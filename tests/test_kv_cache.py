@@ -7,6 +7,10 @@ import torch
 import lmkernels
 from lmkernels.models import GPT, GPTConfig, Llama, LlamaConfig
 from lmkernels.models.kv_cache import KVCache, LayerKVCache
+from lmkernels.reference.attention import attention_reference
+from lmkernels.triton import attention as triton_attention
+from lmkernels.triton._common import triton_interpreted
+from tests._backends import ON_GPU
 
 BLOCK = 13  # an awkward context length; prompts and generations cross it below
 VOCAB = 97
@@ -169,3 +173,24 @@ def test_sampler_decodes_with_the_cache(monkeypatch):
     generate = _causal_lm.CausalLM.generate
     monkeypatch.setattr(_causal_lm.CausalLM, "generate", lambda *a, **kw: generate(*a, **kw, use_cache=False))
     assert sample_text(state, args, ByteTokenizer(), 10, torch.device("cpu"), seed=3, start="ab") == text
+
+
+@pytest.mark.skipif(ON_GPU or not triton_interpreted(), reason="Triton launchers on CPU tensors need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_triton_attention_reads_the_cache_views(dtype):
+    """On CUDA the decode step hands the Triton kernel views of the cache buffer (batch and head
+    strides of max_len rows): same result as on contiguous copies, and as the reference."""
+    cache = LayerKVCache(max_len=50)
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(2, 2, 37, 16, generator=g).to(dtype) for _ in range(2)]
+    cache.append(*kv)
+    q, k_new, v_new = (torch.randn(2, 2 if i else 4, 1, 16, generator=g).to(dtype) for i in range(3))
+    k, v = cache.append(k_new, v_new)  # (2, 2, 38, 16) views, not contiguous
+    assert not k.is_contiguous()
+    out, lse = triton_attention.attention_fwd(q, k, v, 0.25, True, -1, -1)
+    out_c, lse_c = triton_attention.attention_fwd(q, k.contiguous(), v.contiguous(), 0.25, True, -1, -1)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    # flash-attention's rule: at most twice the error of PyTorch's attention in the same dtype
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), is_causal=True, scale=0.25)
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    assert (out.double() - ref).abs().max() <= 2 * (torch_out.double() - ref).abs().max() + 1e-6
