@@ -127,9 +127,9 @@ def test_cache_past_context_length_is_refused(kind):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(idx=torch.zeros(3, dtype=torch.long)), "idx must be a \\(B, T\\) int64 tensor"),
-    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "idx must be a \\(B, T\\) int64 tensor"),
-    (dict(idx=torch.zeros(1, 2)), "idx must be a \\(B, T\\) int64 tensor"),
+    (dict(idx=torch.zeros(3, dtype=torch.long)), "idx must be a \\(B, T\\) int64 or int32 tensor"),
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "idx must be a \\(B, T\\) int64 or int32 tensor"),
+    (dict(idx=torch.zeros(1, 2)), "idx must be a \\(B, T\\) int64 or int32 tensor"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0; got -1"),
     (dict(max_new_tokens=2.0), "max_new_tokens must be an int >= 0"),
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0; got nan"),

@@ -68,9 +68,11 @@ class CausalLM(nn.Module):
 
 
 def _check_generate_args(idx, max_new_tokens, temperature, top_k):
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1 or idx.dtype != torch.long:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1 \
+            or idx.dtype not in (torch.int64, torch.int32):  # the dtypes nn.Embedding takes
         got = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(f"generate: idx must be a (B, T) int64 tensor of token ids with T >= 1; got {got}")
+        raise ValueError(f"generate: idx must be a (B, T) int64 or int32 tensor of token ids with T >= 1; "
+                         f"got {got}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
