@@ -1,10 +1,28 @@
 """What every causal language model here shares beyond its architecture: the trainer's interface
-(`logits` for evaluation and comparisons, the optimizer's two weight-decay groups)."""
+(`logits` for evaluation and comparisons, the optimizer's two weight-decay groups) and sampling
+(`generate`, with a KV cache by default).
+
+Sampling past the context length (`config.block_size`): the model always sees the last
+block_size tokens at positions 0 .. block_size - 1, with or without the cache. Sliding that
+window drops the oldest token and moves every position, which changes every cached key and
+value (all later hidden states attended to the dropped token), so nothing cached can be reused:
+once the sequence is longer than block_size, each new token costs one forward of the whole
+window, as without the cache. Until then a token costs one forward of one token. This keeps
+the tokens identical to the no-cache path (use_cache=False).
+"""
+import math
+import numbers
+
+import torch
 from torch import nn
+from torch.nn import functional as F
+
+from lmkernels.models.kv_cache import KVCache
 
 
 class CausalLM(nn.Module):
-    """A model with `hidden_states(idx) -> (B, T, C)` and an `lm_head`."""
+    """A model with `hidden_states(idx, kv_cache=None) -> (B, T, C)`, an `lm_head` and
+    `config.block_size` (its context length)."""
 
     def logits(self, idx):
         """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
@@ -16,3 +34,49 @@ class CausalLM(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None,
+                 use_cache: bool = True):
+        """Samples max_new_tokens after idx (B, T) and returns (B, T + max_new_tokens).
+
+        temperature divides the logits (0 is taken as 1e-6: nearly greedy); top_k keeps the k
+        most likely tokens. use_cache: one forward of the prompt, then one forward of one token
+        per new token against a KVCache (see the module docstring for past block_size);
+        use_cache=False runs a full forward of the context for every token. Both give the same
+        tokens up to floating-point rounding."""
+        _check_generate_args(idx, max_new_tokens, temperature, top_k)
+        block_size = self.config.block_size
+        cache = None
+        if use_cache and idx.size(1) < block_size:  # otherwise every step slides the window
+            cache = KVCache(min(block_size, idx.size(1) + max_new_tokens))
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.size(1) <= block_size:
+                new = idx if cache.length == 0 else idx[:, -1:]  # the prompt, then each new token
+                logits = self.lm_head(self.hidden_states(new, cache)[:, -1, :])  # (B, V)
+            else:  # without the cache, or past block_size
+                logits, _ = self(idx[:, -block_size:])
+                logits = logits[:, -1, :]  # (B, V)
+            logits = logits / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits.float(), dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def _check_generate_args(idx, max_new_tokens, temperature, top_k):
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) < 1 \
+            or idx.dtype not in (torch.int64, torch.int32):  # the dtypes nn.Embedding takes
+        got = f"shape {tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"generate: idx must be a (B, T) int64 or int32 tensor of token ids with T >= 1; "
+                         f"got {got}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be a finite number >= 0; got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1; got {top_k!r}")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 import lmkernels
 from lmkernels.models._causal_lm import CausalLM
@@ -70,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None):
+    def forward(self, x, rotary=None, kv_cache=None):
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (B, T, nh * hs)
         # the number of heads follows from the width: all of them, or this rank's share under TP
@@ -79,6 +78,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:  # decoding: attend to the cached tokens too (causal is bottom-right)
+            k, v = kv_cache.append(k, v)  # (B, nh, cached + T, hs)
         y = lmkernels.attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
@@ -104,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None):
-        x = x + self.attn(self.ln_1(x), rotary)
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,20 +149,23 @@ class GPT(CausalLM):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm."""
+    def hidden_states(self, idx, kv_cache=None):
+        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm. With a KVCache
+        (lmkernels/models/kv_cache.py) idx follows the cached tokens and is appended to them."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        start = 0 if kv_cache is None else kv_cache.check_room("GPT", T, self.config.block_size)
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         if self.config.rotary:
-            rotary = rotary_tables(self.config.n_embd // self.config.n_head, T, idx.device)
+            cos, sin = rotary_tables(self.config.n_embd // self.config.n_head, start + T, idx.device)
+            rotary = cos[start:], sin[start:]
         else:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rotary)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rotary, None if kv_cache is None else kv_cache.layer(i))
         return self.transformer.ln_f(x)
 
     def _fused_loss_applies(self) -> bool:
@@ -196,18 +200,3 @@ class GPT(CausalLM):
         c = self.config
         head_dim = c.n_embd // c.n_head
         return 6 * self.num_params() + 6 * c.n_layer * c.n_head * head_dim * c.block_size
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None):
-        """Samples max_new_tokens after idx (B, T) and returns (B, T + max_new_tokens)."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, V)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits.float(), dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx

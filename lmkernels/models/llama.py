@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 import lmkernels
 from lmkernels.models._causal_lm import CausalLM
@@ -91,12 +90,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = lmkernels.rotary_embedding(q, k, cos, sin)  # rotate-half, cos/sin (T, hd) float32
+        if kv_cache is not None:  # decoding: attend to the cached tokens too (causal is bottom-right)
+            k, v = kv_cache.append(k, v)  # (B, nkv, cached + T, hd)
         y = lmkernels.attention(q, k, v, is_causal=True)  # GQA without repeating k, v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -120,7 +121,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, pending, cos, sin):
+    def forward(self, x, pending, cos, sin, kv_cache=None):
         """The residual stream is x + pending (pending: the previous layer's MLP output, not yet
         added, or None); each add happens inside the following RMSNorm (add_rms_norm).
         Returns (x, pending) for the next layer."""
@@ -128,7 +129,7 @@ class DecoderLayer(nn.Module):
             h = self.input_layernorm(x)
         else:
             h, x = self.input_layernorm(pending, x)
-        h, x = self.post_attention_layernorm(self.self_attn(h, cos, sin), x)
+        h, x = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache), x)
         return x, self.mlp(h)
 
 
@@ -163,16 +164,18 @@ class Llama(CausalLM):
         """Parameter count (tied weights once); there are no position embeddings to exclude."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, C) final-norm hidden states."""
+    def hidden_states(self, idx, kv_cache=None):
+        """(B, T) token ids -> (B, T, C) final-norm hidden states. With a KVCache
+        (lmkernels/models/kv_cache.py) idx follows the cached tokens and is appended to them."""
         B, T = idx.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"Llama: sequence length {T} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if kv_cache is None else kv_cache.check_room("Llama", T, self.config.max_position_embeddings)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x, pending = self.model.embed_tokens(idx), None  # (B, T, C)
-        for layer in self.model.layers:
-            x, pending = layer(x, pending, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x, pending = layer(x, pending, cos, sin, None if kv_cache is None else kv_cache.layer(i))
         return self.model.norm(pending, x)[0] if pending is not None else self.model.norm(x)
 
     def forward(self, idx, targets=None):
@@ -189,19 +192,6 @@ class Llama(CausalLM):
         """Training FLOPs per token: 6 N plus causal attention's 6 L nh hd T (PaLM appendix B)."""
         c = self.config
         return 6 * self.num_params() + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * c.block_size
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, generator=None):
-        """Samples max_new_tokens after idx (B, T) and returns (B, T + max_new_tokens)."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, V)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits.float(), dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
-        return idx
 
     # ---------------------------------------------------------- Hugging Face conversion
     @classmethod

@@ -1,4 +1,5 @@
-"""`lmkernels-sample`: generate text from the newest valid checkpoint in out_dir (TP shards merged).
+"""`lmkernels-sample`: generate text from the newest valid checkpoint in out_dir (TP shards merged),
+decoding with the KV cache (model.generate's default; lmkernels/models/kv_cache.py).
 Exit status 2 with one `lmkernels-sample: error:` line for a bad option or an unusable checkpoint."""
 import argparse
 import math
