@@ -2,9 +2,20 @@
 (`logits` for evaluation and comparisons, the optimizer's two weight-decay groups)."""
 from torch import nn
 
+import lmkernels
+
 
 class CausalLM(nn.Module):
     """A model with `hidden_states(idx) -> (B, T, C)` and an `lm_head`."""
+
+    def head_loss(self, h, targets, ignore_index: int):
+        """Mean cross-entropy of lm_head(h) against targets without materializing the logits:
+        the head's own `fused_loss` when it has one (the vocab-parallel head tensor parallelism
+        swaps in), else lmkernels.fused_linear_cross_entropy on the nn.Linear head."""
+        if hasattr(self.lm_head, "fused_loss"):
+            return self.lm_head.fused_loss(h, targets, ignore_index=ignore_index)
+        return lmkernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, bias=self.lm_head.bias,
+                                                    ignore_index=ignore_index)
 
     def logits(self, idx):
         """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
