@@ -114,6 +114,18 @@ def test_shard_mode_bad_arguments():
         partial.sum().backward()
 
 
+def test_opcheck_shard_mode():
+    hidden, weight, b, target = make_inputs(13, 8, 21, bias=True)
+    fwd, bwd = torch.ops.lmkernels.fused_linear_cross_entropy_fwd, torch.ops.lmkernels.fused_linear_cross_entropy_bwd
+    args = (hidden, weight[7:15], target, b[7:15], -100, 0.1, 0.0, 4.0, "none", 5, False, 7, 21)
+    torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
+    lse = torch.randn(13)
+    torch.library.opcheck(bwd, (torch.randn(13), *args[:4], lse, -100, 0.1, 1e-3, 4.0, "none", 5, 7, 21))
+    meta = [t.to("meta") for t in (hidden, weight[7:15], target)]
+    with pytest.raises(ValueError, match="needs reduction 'none' and compute_grad false"):
+        fwd(*meta, None, -100, 0.0, 0.0, None, "mean", 0, False, 7, 21)
+
+
 def test_backward_op_checks_targets():
     """The backward op reads target[r]'s logit: called on its own with a bad target it must
     raise, not read out of bounds (it did not check before the vocab-shard change)."""

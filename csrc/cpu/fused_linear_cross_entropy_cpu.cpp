@@ -13,6 +13,9 @@
 // (none, backward only). The forward computes the gradients in its own chunk loop when asked
 // (3 GEMMs in all, as eager's forward + backward) instead of recomputing X in the backward
 // (4 GEMMs); bench/bench_flce.py measures both.
+// A vocab-parallel shard (vocab_size > 0) runs the same loop on its V columns: t is then a
+// global class id (no one-hot term when another shard holds it), eps / vocab_size spreads the
+// smoothing, and its forward stores partial statistics (LossOptions::partial).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -15,6 +15,11 @@ gradient is needed and the loss is a scalar (mean/sum), the forward computes dh,
 its own chunk loop (3 GEMMs in all, as eager) and the backward only scales them by the
 upstream gradient; reduction="none" recomputes X in the backward from the saved lse (4
 GEMMs). bench/bench_flce.py measures both. Math: lmkernels/reference/fused_linear_cross_entropy.py.
+
+Vocab-parallel shard mode (the ops' vocab_start / vocab_size arguments; the schema comment in
+csrc/fused_linear_cross_entropy.cpp): the forward returns a shard's per-row partial statistics
+and the backward its gradients given the full lse. The tensor-parallel loss built on it, and the
+only caller: lmkernels/distributed/vocab_parallel.py.
 """
 from typing import Optional, Tuple
 
