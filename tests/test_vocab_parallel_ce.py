@@ -171,6 +171,13 @@ def _vocab_parallel_checks(V, uneven):
         cut = (lambda t: t, lambda t: t[s:s + n], lambda t: t[s:s + n])
         for name, c, o, sg, tg in zip(("dhidden", "dweight", "dbias"), cut, ours_g, single_g, truth_g):
             within(f"{name} ({reduction}, option {seed})", o, c(sg), c(tg))
+    # non-finite hidden values: NaN rows exactly where PyTorch has them
+    hidden, weight, _, target = make_inputs(41, 16, V, bias=False)
+    target[3] = target[5] = 1
+    hidden[3, 2], hidden[5, 1] = float("nan"), float("inf")
+    rows = vpce(hidden, weight[s:s + n], target, dist.group.WORLD, reduction="none", **shard)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, target, reduction="none")
+    assert torch.equal(rows.isnan(), ref.isnan()) and rows[3].isnan() and rows[5].isnan()
     return True
 
 
