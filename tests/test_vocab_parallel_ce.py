@@ -35,12 +35,12 @@ def make_inputs(N, H, V, *, bias, seed=0, dtype=torch.float32):
     return hidden, weight, b, target
 
 
-def within(name, ours, ours_single, truth):
+def within(name, ours, ours_single, truth, eps=F32_EPS):
     """ours (vocab-parallel) vs float64 truth: at most 2x the single-device op's error + 2 ulps."""
     truth = truth.double()
     err = (ours.double() - truth).abs().max().item()
     base = (ours_single.double() - truth).abs().max().item()
-    floor = 2 * F32_EPS * max(truth.abs().max().item(), 1e-30)
+    floor = 2 * eps * max(truth.abs().max().item(), 1e-30)
     assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x single-device error {base:.3g} + {floor:.3g}"
 
 
@@ -171,6 +171,21 @@ def _vocab_parallel_checks(V, uneven):
         cut = (lambda t: t, lambda t: t[s:s + n], lambda t: t[s:s + n])
         for name, c, o, sg, tg in zip(("dhidden", "dweight", "dbias"), cut, ours_g, single_g, truth_g):
             within(f"{name} ({reduction}, option {seed})", o, c(sg), c(tg))
+    # bfloat16 in (fp32 statistics and dh all-reduce inside): as close as the single-device op
+    hidden, weight, b, target = make_inputs(41, 16, V, bias=True, dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight[s:s + n], b[s:s + n])]
+    loss = vpce(leaves[0], leaves[1], target, dist.group.WORLD, bias=leaves[2], label_smoothing=0.1, **shard)
+    single_leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    single = lmkernels.fused_linear_cross_entropy(*single_leaves[:2], target, bias=single_leaves[2], label_smoothing=0.1)
+    leaves64 = [t.double().requires_grad_() for t in (hidden, weight, b)]
+    truth = reference(*leaves64[:2], target, bias=leaves64[2], label_smoothing=0.1)[0]
+    bf16_eps = torch.finfo(torch.bfloat16).eps
+    within("loss (bfloat16)", loss, single, truth, bf16_eps)
+    grads = [torch.autograd.grad(x, xs) for x, xs in ((loss, leaves), (single, single_leaves), (truth, leaves64))]
+    cut = (lambda t: t, lambda t: t[s:s + n], lambda t: t[s:s + n])
+    for name, c, o, sg, tg in zip(("dhidden", "dweight", "dbias"), cut, *grads):
+        assert o.dtype == torch.bfloat16
+        within(f"{name} (bfloat16)", o, c(sg), c(tg), bf16_eps)
     # non-finite hidden values: NaN rows exactly where PyTorch has them
     hidden, weight, _, target = make_inputs(41, 16, V, bias=False)
     target[3] = target[5] = 1
