@@ -4,6 +4,7 @@ forward + backward: time and peak memory.
 
     PYTHONPATH=. python3 bench/bench_flce.py                      # N=4096, H=1024, V=32768
     PYTHONPATH=. python3 bench/bench_flce.py --n 1024 --chunks 64,256,1024
+    PYTHONPATH=. python3 bench/bench_flce.py --tp 2 --n 2048          # vocab-parallel, gloo
 
 Candidates: "eager"; "fused" (gradients computed in the forward's chunk loop: 3 GEMMs, as
 eager); "recompute" (reduction='none' then .sum(), whose backward recomputes the logits from
@@ -11,6 +12,12 @@ the saved lse: 4 GEMMs), to justify the first design. Times are medians of alter
 one process. Peak memory: each case runs once in a fresh subprocess; we report its peak RSS
 (VmHWM) minus the current RSS right after the inputs were made (so: what the loss and its
 gradients add on top of hidden, weight and the process).
+
+--tp P: P local processes (gloo), each holding V / P rows of the head. "eager-tp" is Megatron's
+loss: the local (N, V / P) logits through tensor_parallel.vocab_parallel_cross_entropy; "fused-tp"
+is vocab_parallel.vocab_parallel_fused_linear_cross_entropy (4 GEMMs: its backward recomputes
+the logits). Times: medians of alternating runs, rank 0's. Peak memory: rank 0's VmHWM after
+fused-tp alone, then after eager-tp too (a peak only grows, and eager's is the larger).
 """
 import argparse
 import json
@@ -84,7 +91,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes to sweep (fused only)")
     ap.add_argument("--kinds", default="eager,fused,recompute", help="candidates to time")
+    ap.add_argument("--tp", type=int, default=1, help="> 1: vocab-parallel over this many processes")
     args = ap.parse_args()
+    if args.tp > 1:
+        return tp_main(args)
     N, H, V = args.n, args.h, args.v
     # memory first, in subprocesses, before this process grows
     mem = {k: peak_memory(k, N, H, V) for k in ("eager", "fused", "recompute")}
@@ -110,6 +120,58 @@ def main():
         ttxt = f"{t:.3f} | {flops / t / 1e9:.0f} | {times['eager'] / t:.2f}x" if t else "- | - | -"
         mtxt = f"{m / 2**20:.0f} | {m / max(mem['eager'], 1):.3f}" if m is not None else "- | -"
         print(f"| {k} | {ttxt} | {mtxt} |")
+
+
+def _tp_rank(rank, world, port, N, H, V, reps):
+    import torch.distributed as dist
+
+    from lmkernels.distributed.tensor_parallel import copy_to_tensor_parallel_region, vocab_parallel_cross_entropy
+    from lmkernels.distributed.vocab_parallel import vocab_parallel_fused_linear_cross_entropy
+
+    torch.set_num_threads(max(1, os.cpu_count() // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = dist.group.WORLD
+    hidden, weight, target = make_inputs(N, H, V)
+    w = weight.detach()[rank * V // world:(rank + 1) * V // world].clone().requires_grad_()
+    del weight
+    base = _rss_bytes()
+
+    def run(kind):
+        if kind == "eager-tp":
+            logits = F.linear(copy_to_tensor_parallel_region(hidden, g), w)  # (N, V / tp)
+            loss = vocab_parallel_cross_entropy(logits, target, g)
+        else:
+            loss = vocab_parallel_fused_linear_cross_entropy(hidden, w, target, g)
+        hidden.grad = w.grad = None
+        loss.backward()
+        return loss
+
+    lf = run("fused-tp")
+    mem = {"fused-tp": _maxrss_bytes() - base}
+    le = run("eager-tp")
+    mem["eager-tp"] = _maxrss_bytes() - base
+    times = alternate({k: (lambda k=k: run(k)) for k in ("eager-tp", "fused-tp")}, reps, warmup=0)
+    if rank == 0:
+        print(f"loss eager-tp {le.item():.6f} fused-tp {lf.item():.6f}")
+        print(f"\nN={N}, H={H}, V={V}, tp={world} (gloo, {torch.get_num_threads()} threads per rank), float32, "
+              f"forward + backward, torch {torch.__version__}\n")
+        print("| candidate | time (s) | speed vs eager-tp | peak memory added, rank 0 (MiB) | memory vs eager-tp |")
+        print("|---|---|---|---|---|")
+        for k in ("eager-tp", "fused-tp"):
+            print(f"| {k} | {times[k]:.3f} | {times['eager-tp'] / times[k]:.2f}x | {mem[k] / 2**20:.0f} | "
+                  f"{mem[k] / mem['eager-tp']:.3f} |")
+    dist.destroy_process_group()
+
+
+def tp_main(args):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_tp_rank, args=(args.tp, port, args.n, args.h, args.v, args.reps), nprocs=args.tp)
 
 
 if __name__ == "__main__":

@@ -60,15 +60,38 @@ void check_flce_args(const char* op, const at::Tensor& hidden, const at::Tensor&
               chunk_size);
 }
 
+bool check_vocab_shard(const char* op, const at::Tensor& weight, int64_t vocab_start,
+                       int64_t vocab_size) {
+  TORCH_CHECK(vocab_size >= 0, op, ": vocab_size must be 0 (weight is the whole vocabulary) or "
+              "the full vocabulary size of a vocab-parallel shard; got ", vocab_size);
+  if (vocab_size == 0) {
+    TORCH_CHECK(vocab_start == 0, op, ": vocab_start must be 0 without vocab_size; got ",
+                vocab_start);
+    return false;
+  }
+  TORCH_CHECK(vocab_start >= 0 && vocab_start + weight.size(0) <= vocab_size, op,
+              ": a vocab-parallel shard of ", weight.size(0), " rows (weight's V) starting at "
+              "vocab_start must lie inside [0, vocab_size = ", vocab_size, "); got vocab_start = ",
+              vocab_start);
+  return true;
+}
+
 Reduction check_flce_fwd_args(const at::Tensor& hidden, const at::Tensor& weight,
                               const at::Tensor& target, const std::optional<at::Tensor>& bias,
                               double label_smoothing, double z_loss, std::optional<double> softcap,
-                              const std::string& reduction, int64_t chunk_size, bool compute_grad) {
+                              const std::string& reduction, int64_t chunk_size, bool compute_grad,
+                              int64_t vocab_start, int64_t vocab_size) {
   const char* op = "fused_linear_cross_entropy";
   check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
   const Reduction red = parse_reduction(op, reduction);
   TORCH_CHECK(!(compute_grad && red == Reduction::kNone), op,
               ": compute_grad needs reduction 'mean' or 'sum' (a scalar loss)");
+  if (check_vocab_shard(op, weight, vocab_start, vocab_size)) {
+    TORCH_CHECK(red == Reduction::kNone && !compute_grad, op,
+                ": a vocab-parallel shard's forward returns per-row partial statistics: it needs "
+                "reduction 'none' and compute_grad false; got reduction '", reduction,
+                "', compute_grad ", compute_grad);
+  }
   return red;
 }
 
@@ -76,9 +99,11 @@ Reduction check_flce_bwd_args(const at::Tensor& grad_loss, const at::Tensor& hid
                               const at::Tensor& weight, const at::Tensor& target,
                               const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                               double label_smoothing, double z_loss, std::optional<double> softcap,
-                              const std::string& reduction, int64_t chunk_size) {
+                              const std::string& reduction, int64_t chunk_size,
+                              int64_t vocab_start, int64_t vocab_size) {
   const char* op = "fused_linear_cross_entropy (backward)";
   check_flce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
+  check_vocab_shard(op, weight, vocab_start, vocab_size);
   const Reduction red = parse_reduction(op, reduction);
   const int64_t N = hidden.size(0);
   TORCH_CHECK(red == Reduction::kNone ? grad_loss.numel() == N : grad_loss.numel() == 1, op,
@@ -100,16 +125,24 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
   // logging; lse (N,) float32 (0 on ignored rows). With compute_grad (mean/sum only) it also
   // returns d(loss)/d(hidden, weight, bias) for a unit upstream gradient, computed in the same
   // chunk loop; otherwise those three are empty.
+  // Vocab-parallel shard (vocab_size > 0: weight holds the classes [vocab_start, vocab_start + V)
+  // of vocab_size; targets are global class ids; reduction 'none', no compute_grad): per-row
+  // partial statistics of this shard instead, which the shards combine into the loss
+  // (lmkernels/distributed/vocab_parallel.py): lse = logsumexp of this shard's logits, loss =
+  // -(1 - eps) y_target [target in this shard] - eps sum_j y_j / vocab_size, z = 0; so that
+  // loss_r = lse_r + sum over shards of loss + z_loss lse_r^2, with lse_r = logsumexp over shards.
   m.def(
       "fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
       "int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, "
-      "int chunk_size, bool compute_grad, *, str backend=\"auto\") "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int chunk_size, bool compute_grad, int vocab_start=0, int vocab_size=0, *, "
+      "str backend=\"auto\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Recomputes the logits chunk by chunk from the saved lse. grad_loss: () or (N,) as loss.
-  // Returns (grad_hidden, grad_weight, grad_bias); grad_bias is empty without bias.
+  // Returns (grad_hidden, grad_weight, grad_bias); grad_bias is empty without bias. For a
+  // vocab-parallel shard (vocab_size > 0) lse is the full vocabulary's and the gradients are
+  // this shard's part (grad_hidden: to be summed over the shards).
   m.def(
       "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, "
       "Tensor target, Tensor? bias, Tensor lse, int ignore_index, float label_smoothing, "
-      "float z_loss, float? softcap, str reduction, int chunk_size, *, str backend=\"auto\") "
-      "-> (Tensor, Tensor, Tensor)");
+      "float z_loss, float? softcap, str reduction, int chunk_size, int vocab_start=0, "
+      "int vocab_size=0, *, str backend=\"auto\") -> (Tensor, Tensor, Tensor)");
 }

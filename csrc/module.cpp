@@ -81,9 +81,9 @@ PYBIND11_MODULE(_C, m) {
       [](const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
          const OptTensor& bias, double label_smoothing, double z_loss,
          std::optional<double> softcap, const std::string& reduction, int64_t chunk_size,
-         bool compute_grad) {
+         bool compute_grad, int64_t vocab_start, int64_t vocab_size) {
         lmk::check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss, softcap,
-                                 reduction, chunk_size, compute_grad);
+                                 reduction, chunk_size, compute_grad, vocab_start, vocab_size);
       },
       "fused_linear_cross_entropy_fwd's argument checks (schema order, without ignore_index "
       "and backend)");
@@ -92,9 +92,10 @@ PYBIND11_MODULE(_C, m) {
       [](const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
          const at::Tensor& target, const OptTensor& bias, const at::Tensor& lse,
          double label_smoothing, double z_loss, std::optional<double> softcap,
-         const std::string& reduction, int64_t chunk_size) {
+         const std::string& reduction, int64_t chunk_size, int64_t vocab_start,
+         int64_t vocab_size) {
         lmk::check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse, label_smoothing,
-                                 z_loss, softcap, reduction, chunk_size);
+                                 z_loss, softcap, reduction, chunk_size, vocab_start, vocab_size);
       },
       "fused_linear_cross_entropy_bwd's argument checks (schema order, without ignore_index "
       "and backend)");

@@ -113,11 +113,12 @@ def _tp_gpt(mesh):
         loss64.backward()
     finally:
         lmkernels.attention = real
-    logits, loss = tp_model(idx, targets)
+    no_logits, loss = tp_model(idx, targets)  # the vocab-parallel fused loss: no logits either
+    assert no_logits is None and tp_model.lm_head.weight.shape == (32, 32)  # half the vocabulary
     loss.backward()
     _within("loss", loss, loss32, loss64)
-    _within("logits", logits, TP._split(logits32, TP.TPShard(-1), rank, 2),
-            TP._split(logits64, TP.TPShard(-1), rank, 2))
+    with torch.no_grad():  # sampling's full logits, gathered from the vocabulary slices
+        _within("logits", tp_model.logits(idx), logits32, logits64)
     p32, p64 = dict(single.named_parameters()), dict(model64.named_parameters())
     checked = 0
     for name, p in tp_model.named_parameters():
@@ -147,6 +148,39 @@ def _tp_gpt(mesh):
             TP.parallelize_gpt(GPT(bad), g)
     with pytest.raises(ValueError, match="matched no module"):
         TP.parallelize(GPT(cfg), {"transformer.h.*.atn.c_attn": TP.ColwiseParallel()}, g)
+    with pytest.raises(TypeError, match="the loss is the vocab-parallel LM head's fused_loss"):
+        TP.parallelize(GPT(cfg), {"criterion": TP.VocabParallel()}, g)
+
+
+def _tp_llama_tied(mesh):
+    """Llama with tie_word_embeddings: the vocab-parallel embedding and LM head share one shard,
+    and loss and gradients (the tied one gets both uses') equal the single-process model's."""
+    import copy
+
+    from lmkernels.distributed import tensor_parallel as TP
+    from lmkernels.distributed.llama_tp_plan import parallelize_llama
+    from lmkernels.models.llama import Llama, LlamaConfig
+
+    g, rank = mesh.tp_group, mesh.tp_rank
+    torch.manual_seed(0)
+    single = Llama(LlamaConfig(vocab_size=98, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                               tie_word_embeddings=True))
+    tp_model = parallelize_llama(copy.deepcopy(single), g)
+    assert tp_model.lm_head.weight is tp_model.model.embed_tokens.weight
+    assert tp_model.lm_head.weight.shape == (49, 32)
+    idx, targets = torch.randint(0, 98, (2, 11)), torch.randint(0, 98, (2, 11))
+    targets[0, :4] = -1  # Llama's ignore_index
+    _, loss = tp_model(idx, targets)
+    loss.backward()
+    _, loss1 = single(idx, targets)
+    loss1.backward()
+    torch.testing.assert_close(loss, loss1)
+    ref = dict(single.named_parameters())
+    for name, p in tp_model.named_parameters():
+        shard = getattr(p, "tp_shard", None)
+        want = TP._split(ref[name].grad, shard, rank, 2) if shard else ref[name].grad
+        torch.testing.assert_close(p.grad, want, msg=f"grad {name}")
 
 
 def _tp_checks():
@@ -157,6 +191,7 @@ def _tp_checks():
     assert (mesh.dp_size, mesh.tp_size) == (1, 2)
     _tp_layers(mesh)
     _tp_gpt(mesh)
+    _tp_llama_tied(mesh)
     return True
 
 

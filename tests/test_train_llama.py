@@ -127,7 +127,7 @@ def _tp_llama_matches_single(mesh):
     single = Llama(LlamaConfig(vocab_size=98, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
     tp_model = parallelize_llama(copy.deepcopy(single), g)
-    assert not hasattr(tp_model.lm_head.weight, "tp_shard")  # replicated: the fused linear CE has no TP path
+    assert tp_model.lm_head.weight.shape == (49, 32)  # vocab-parallel head: half the vocabulary
     assert tp_model.model.layers[0].self_attn.k_proj.weight.shape == (8, 32)  # one of two kv heads (head_dim 8)
     idx, targets = torch.randint(0, 98, (3, 13)), torch.randint(0, 98, (3, 13))
     _, loss = tp_model(idx, targets)

@@ -13,6 +13,9 @@
 // (none, backward only). The forward computes the gradients in its own chunk loop when asked
 // (3 GEMMs in all, as eager's forward + backward) instead of recomputing X in the backward
 // (4 GEMMs); bench/bench_flce.py measures both.
+// A vocab-parallel shard (vocab_size > 0) runs the same loop on its V columns: t is then a
+// global class id (no one-hot term when another shard holds it), eps / vocab_size spreads the
+// smoothing, and its forward stores partial statistics (LossOptions::partial).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -37,6 +40,11 @@ struct LossOptions {
   float eps;       // label smoothing
   float z;         // z-loss coefficient
   float softcap;   // 0: none
+  // A vocab-parallel shard holds the classes [vocab_start, vocab_start + V) of vocab_size (the
+  // whole vocabulary: 0 and V). The smoothing's uniform part is eps / vocab_size per class.
+  int64_t vocab_start;
+  double vocab_size;
+  bool partial;    // shard forward: per-row partial statistics (see the schema's comment)
 };
 
 // NaN-propagating max (a NaN logit makes the loss NaN, as in PyTorch).
@@ -84,13 +92,15 @@ std::pair<double, double> sum_exp_and_sum(const float* y, int64_t V, float m) {
 
 // Overwrites y with d(loss)/dX for one valid row (see the header comment), as
 // (p - q) s + p c with q the smoothed one-hot target (eps / V, and 1 - eps + eps / V at the
-// target, formed in double: exactly 1 when V = 1) and c = 2 z lse s; p - q first keeps the
-// cancellation near p = q as exact as in PyTorch.
+// target, formed in double: exactly 1 when V = 1; V = o.vocab_size, the whole vocabulary's) and
+// c = 2 z lse s; p - q first keeps the cancellation near p = q as exact as in PyTorch.
+// t: the target's column in y, or outside [0, V) when another vocab-parallel shard holds it.
 void row_grad(float* y, int64_t V, int64_t t, float lse, float scale, const LossOptions& o) {
   const float c = scale * 2.f * o.z * lse;
-  const float q = float(double(o.eps) / double(V));
-  const float q_t = float(1.0 - double(o.eps) + double(o.eps) / double(V));
-  const float yt = y[t];
+  const float q = float(double(o.eps) / o.vocab_size);
+  const float q_t = float(1.0 - double(o.eps) + double(o.eps) / o.vocab_size);
+  const bool here = t >= 0 && t < V;
+  const float yt = here ? y[t] : 0.f;
   const float pt = std::exp(yt - lse);
   float dt = (pt - q_t) * scale + pt * c;
   const Vec vs(scale), vc(c), vq(q), vlse(lse);
@@ -119,19 +129,23 @@ void row_grad(float* y, int64_t V, int64_t t, float lse, float scale, const Loss
       y[j] = (p - q) * scale + p * c;
     }
   }
-  y[t] = dt;
+  if (here) y[t] = dt;
 }
 
 int64_t default_chunk_rows(int64_t N, int64_t V) {
   // 32M logits (128 MB fp32) per chunk: 1024 rows at V = 32K. Each chunk reads and writes all
   // of dW (V x H fp32) in its addmm, so fewer, larger chunks cut that traffic (256-row chunks:
   // fused 0.93x eager at N=4096, H=1024, V=32768 on a loaded 2-core Xeon); the chunk is still
-  // 1/4 of eager's N x V logits there. LMK_FLCE_CHUNK=rows overrides.
+  // 1/4 of eager's N x V logits there. Same size, one run (bench_flce.py --chunks 512,2048, 5
+  // reps, 2-core Xeon under load): 512 rows 1.05x, 1024 1.14x, 2048 1.11x eager; the GEMMs run
+  // at eager's rate, the gain is the row loop (0.6 s vs eager's 2.7 s of softmax and fill in a
+  // profile). LMK_FLCE_CHUNK=rows overrides.
   static const char* env = std::getenv("LMK_FLCE_CHUNK");
   int64_t c = env != nullptr ? std::atoll(env) : (int64_t(32) << 20) / V;
   return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(c, 16), N));
 }
 
+// V: the whole vocabulary's size (targets are global class ids in a vocab-parallel shard too).
 void check_targets(const char* op, const at::Tensor& target, int64_t V, int64_t ignore_index) {
   const int64_t* t = target.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < target.numel(); ++r) {
@@ -165,7 +179,8 @@ Outputs chunk_loop(const at::Tensor& hidden, const at::Tensor& weight, const at:
   }
   if (want_grad) {
     out.grad_hidden = at::empty({N, H}, f32);
-    out.grad_weight = at::zeros({V, H}, f32);
+    // written by the first chunk's GEMM (beta = 0): no separate zero-fill pass over V x H
+    out.grad_weight = N > 0 ? at::empty({V, H}, f32) : at::zeros({V, H}, f32);
     if (bias.has_value()) out.grad_bias = at::zeros({V}, f32);
   }
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1))
@@ -195,22 +210,33 @@ Outputs chunk_loop(const at::Tensor& hidden, const at::Tensor& weight, const at:
           if (want_grad) std::fill(y, y + V, 0.f);
           continue;
         }
+        const int64_t t = tgt[r] - o.vocab_start;  // the target's column, if this shard has it
         const float m = softcap_and_max(y, V, o.softcap);
         if (!have_lse) {
           const auto [s, sum_y] = sum_exp_and_sum(y, V, m);
           const double l = double(m) + std::log(s);
+          const double yt = t >= 0 && t < V ? double(y[t]) : 0.0;
           lse[r] = float(l);
-          const double z = double(o.z) * l * l;
-          zr[r] = float(z);
-          loss[r] = float((1.0 - o.eps) * (l - y[tgt[r]]) + o.eps * (l - sum_y / double(V)) + z);
+          if (o.partial) {
+            zr[r] = 0.f;
+            loss[r] = float(-(1.0 - o.eps) * yt - o.eps * sum_y / o.vocab_size);
+          } else {
+            const double z = double(o.z) * l * l;
+            zr[r] = float(z);
+            loss[r] = float((1.0 - o.eps) * (l - yt) + o.eps * (l - sum_y / o.vocab_size) + z);
+          }
         }
-        if (want_grad) row_grad(y, V, tgt[r], lse[r], scale[r], o);
+        if (want_grad) row_grad(y, V, t, lse[r], scale[r], o);
       }
     });
     if (want_grad) {
       at::Tensor gh = out.grad_hidden.narrow(0, n0, c);
       at::mm_out(gh, x, w);
-      out.grad_weight.addmm_(x.t(), h);
+      if (n0 == 0) {
+        at::mm_out(out.grad_weight, x.t(), h);
+      } else {
+        out.grad_weight.addmm_(x.t(), h);
+      }
       if (out.grad_bias.defined()) out.grad_bias.add_(x.sum(0));
     }
   }
@@ -242,15 +268,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 flce_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
              const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing,
              double z_loss, std::optional<double> softcap, c10::string_view reduction,
-             int64_t chunk_size, bool compute_grad) {
+             int64_t chunk_size, bool compute_grad, int64_t vocab_start, int64_t vocab_size) {
   const char* op = "fused_linear_cross_entropy";
   const Reduction red = check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss,
                                             softcap, std::string(reduction), chunk_size,
-                                            compute_grad);
+                                            compute_grad, vocab_start, vocab_size);
   const at::Tensor tgt = target.contiguous();
-  check_targets(op, tgt, weight.size(0), ignore_index);
+  const bool shard = vocab_size > 0;
+  const int64_t V_all = shard ? vocab_size : weight.size(0);
+  check_targets(op, tgt, V_all, ignore_index);
   const LossOptions o{ignore_index, float(label_smoothing), float(z_loss),
-                      float(softcap.value_or(0.0))};
+                      float(softcap.value_or(0.0)), vocab_start, double(V_all), shard};
   const at::Tensor scale = compute_grad ? row_scales(tgt, ignore_index, red, at::Tensor()) : at::Tensor();
   Outputs r = chunk_loop(hidden, weight, tgt, bias, o, chunk_size, scale, at::Tensor());
   at::Tensor loss = reduce(r.loss_rows, tgt, ignore_index, red);
@@ -267,13 +295,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
-    c10::string_view reduction, int64_t chunk_size) {
+    c10::string_view reduction, int64_t chunk_size, int64_t vocab_start, int64_t vocab_size) {
   const Reduction red = check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse,
                                             label_smoothing, z_loss, softcap,
-                                            std::string(reduction), chunk_size);
+                                            std::string(reduction), chunk_size, vocab_start,
+                                            vocab_size);
   const at::Tensor tgt = target.contiguous();
+  const int64_t V_all = vocab_size > 0 ? vocab_size : weight.size(0);
+  // The op can be called on its own: unchecked targets would index out of bounds.
+  check_targets("fused_linear_cross_entropy (backward)", tgt, V_all, ignore_index);
   const LossOptions o{ignore_index, float(label_smoothing), float(z_loss),
-                      float(softcap.value_or(0.0))};
+                      float(softcap.value_or(0.0)), vocab_start, double(V_all), false};
   const at::Tensor scale = row_scales(tgt, ignore_index, red, grad_loss);
   Outputs r = chunk_loop(hidden, weight, tgt, bias, o, chunk_size, scale, lse);
   return {r.grad_hidden.to(hidden.scalar_type()), r.grad_weight.to(weight.scalar_type()),
@@ -286,22 +318,24 @@ flce_fwd_cpu_op(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
                 const std::optional<at::Tensor>& bias, int64_t ignore_index,
                 double label_smoothing, double z_loss, std::optional<double> softcap,
                 c10::string_view reduction, int64_t chunk_size, bool compute_grad,
-                std::string_view backend) {
+                int64_t vocab_start, int64_t vocab_size, std::string_view backend) {
   check_cpu_backend("fused_linear_cross_entropy_fwd", backend,
                     "lmkernels.triton.fused_linear_cross_entropy.flce_fwd");
   return flce_fwd_cpu(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
-                      softcap, reduction, chunk_size, compute_grad);
+                      softcap, reduction, chunk_size, compute_grad, vocab_start, vocab_size);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flce_bwd_cpu_op(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
-    c10::string_view reduction, int64_t chunk_size, std::string_view backend) {
+    c10::string_view reduction, int64_t chunk_size, int64_t vocab_start, int64_t vocab_size,
+    std::string_view backend) {
   check_cpu_backend("fused_linear_cross_entropy_bwd", backend,
                     "lmkernels.triton.fused_linear_cross_entropy.flce_bwd");
   return flce_bwd_cpu(grad_loss, hidden, weight, target, bias, lse, ignore_index,
-                      label_smoothing, z_loss, softcap, reduction, chunk_size);
+                      label_smoothing, z_loss, softcap, reduction, chunk_size, vocab_start,
+                      vocab_size);
 }
 
 }  // namespace

@@ -2,10 +2,9 @@
 
 q/k/v and gate/up are column-parallel (each rank keeps whole query heads and whole key/value
 heads, so grouped-query attention stays local), o_proj and down_proj row-parallel (one
-all-reduce each), the token embedding vocab-parallel as in the GPT plan. The LM head stays
-replicated: the Llama loss is the fused linear cross-entropy, which takes the full (V, C)
-weight and has no vocabulary-parallel path yet, so every TP rank computes the whole head and
-loss (identical on all ranks; the head's gradient needs no communication).
+all-reduce each), the token embedding and the LM head vocab-parallel as in the GPT plan (the
+loss is the head's vocab-parallel fused linear cross-entropy: no rank holds (N, V) logits; a
+tied embedding and head share one shard).
 """
 from lmkernels.distributed.tensor_parallel import ColwiseParallel, RowwiseParallel, VocabParallel, parallelize
 
@@ -21,6 +20,7 @@ def llama_tp_plan(head_dim: int) -> dict:
         "model.layers.*.mlp.gate_proj": ColwiseParallel(),
         "model.layers.*.mlp.up_proj": ColwiseParallel(),
         "model.layers.*.mlp.down_proj": RowwiseParallel(),
+        "lm_head": VocabParallel(),
     }
 
 
@@ -32,11 +32,9 @@ def parallelize_llama(model, tp_group):
     checks = (("num_attention_heads", c.num_attention_heads, "query heads are split across ranks"),
               ("num_key_value_heads", c.num_key_value_heads, "key/value heads are split across ranks"),
               ("intermediate_size", c.intermediate_size, "the MLP is split across ranks"),
-              ("vocab_size", c.vocab_size, "the embedding is split across ranks (pad it with vocab_size=...)"))
+              ("vocab_size", c.vocab_size, "the embedding and LM head are split across ranks (pad it with "
+               "vocab_size=...)"))
     for name, value, why in checks:
         if value % size:
             raise ValueError(f"tensor parallelism: {name} ({value}) must be divisible by tp ({size}); {why}")
-    if c.tie_word_embeddings and size > 1:
-        raise ValueError("tensor parallelism: tie_word_embeddings=True is not supported (the embedding is "
-                         "vocab-parallel, the LM head replicated)")
     return parallelize(model, llama_tp_plan(c.head_dim), tp_group)

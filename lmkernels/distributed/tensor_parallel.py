@@ -10,11 +10,13 @@ Layers (each rank holds a 1/tp slice of the weight):
   vocab_parallel_cross_entropy
                          the loss from vocabulary-sharded logits without gathering them:
                          all-reduces of (N,) max, sum of exp and target logit only
+  VocabParallelLMHead    (vocab_parallel.py) the LM head split along the vocabulary, whose
+                         fused_loss is the fused linear cross-entropy without (N, V / tp) logits
 
 `parallelize(model, plan, tp_group)` swaps a model's submodules for these, following a plan
-that maps module-name patterns to a style; GPT_TP_PLAN is the plan for lmkernels.models.GPT
+that maps module-name patterns to a style; gpt_tp_plan is the plan for lmkernels.models.GPT
 (QKV and MLP-in column-parallel, heads split across ranks; attention-out and MLP-out
-row-parallel; embedding/LM head/loss vocab-parallel). Every sharded parameter carries
+row-parallel; embedding and LM head vocab-parallel, the head computing the loss). Every sharded parameter carries
 `param.tp_shard = TPShard(dim, chunks)`, which tells lmkernels.distributed.tp_utils
 (clip_grad_norm_, shard_layout, merge_shards, full_state_dict) how it was cut.
 """
@@ -249,16 +251,22 @@ class RowwiseParallel:
 
 
 class VocabParallel:
-    """nn.Embedding -> VocabParallelEmbedding; nn.Linear (LM head) -> ColumnParallelLinear whose
-    output is the vocabulary slice; nn.CrossEntropyLoss -> VocabParallelCrossEntropy."""
+    """nn.Embedding -> VocabParallelEmbedding; nn.Linear (LM head) -> VocabParallelLMHead (its
+    fused_loss is the loss; calling it gathers full logits, for sampling)."""
 
     def apply(self, module, tp_group):
+        from lmkernels.distributed.vocab_parallel import VocabParallelLMHead
+
         if isinstance(module, nn.Embedding):
             return VocabParallelEmbedding(module, tp_group)
         if isinstance(module, nn.Linear):
-            return ColumnParallelLinear(module, tp_group)
+            return VocabParallelLMHead(module, tp_group)
         if isinstance(module, nn.CrossEntropyLoss):
-            return VocabParallelCrossEntropy(tp_group, module.ignore_index)
+            # the head it would pair with now returns gathered logits, so a sharded criterion
+            # would be silently wrong
+            raise TypeError("VocabParallel: the loss is the vocab-parallel LM head's fused_loss (no "
+                            "logits); leave nn.CrossEntropyLoss out of the plan (for logits sharded "
+                            "by a ColumnParallelLinear, use VocabParallelCrossEntropy directly)")
         raise TypeError(f"VocabParallel: cannot shard {type(module).__name__}")
 
 
@@ -271,7 +279,6 @@ def gpt_tp_plan(head_dim: int) -> dict:
         "transformer.h.*.mlp.c_fc": ColwiseParallel(),
         "transformer.h.*.mlp.c_proj": RowwiseParallel(),
         "lm_head": VocabParallel(),
-        "criterion": VocabParallel(),
     }
 
 

@@ -19,6 +19,8 @@ from torch.nn import functional as F
 
 from lmkernels.models.kv_cache import KVCache
 
+import lmkernels
+
 
 class CausalLM(nn.Module):
     """A model with `hidden_states(idx, kv_cache=None) -> (B, T, C)`, an `lm_head` and
@@ -27,6 +29,15 @@ class CausalLM(nn.Module):
     def logits(self, idx):
         """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
         return self.lm_head(self.hidden_states(idx))
+
+    def head_loss(self, h, targets, ignore_index: int):
+        """Mean cross-entropy of lm_head(h) against targets without materializing the logits:
+        the head's own `fused_loss` when it has one (the vocab-parallel head tensor parallelism
+        swaps in), else lmkernels.fused_linear_cross_entropy on the nn.Linear head."""
+        if hasattr(self.lm_head, "fused_loss"):
+            return self.lm_head.fused_loss(h, targets, ignore_index=ignore_index)
+        return lmkernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, bias=self.lm_head.bias,
+                                                    ignore_index=ignore_index)
 
     def configure_optimizer_groups(self, weight_decay: float):
         """Two parameter groups: matrices and embeddings decay; vectors (biases, norm weights) do not."""

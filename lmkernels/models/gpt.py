@@ -3,14 +3,13 @@ token embedding tied to the LM head. Attention is `lmkernels.attention`.
 
 No parallel code lives here. Tensor parallelism is applied from outside by
 `lmkernels.distributed.tensor_parallel.parallelize`, which swaps submodules (Linear, Embedding,
-the loss) for sharded ones; the model only has to infer its local number of heads from the
-width of what c_attn returns, and compute its loss through the `criterion` submodule.
+the LM head) for sharded ones; the model only has to infer its local number of heads from the
+width of what c_attn returns, and compute its loss through `head_loss` (CausalLM).
 
-The loss: with a plain nn.Linear head and nn.CrossEntropyLoss criterion (the unparallelized
-model) it is `lmkernels.fused_linear_cross_entropy`, which never materializes the (B, T, V)
-logits, and forward returns (None, loss). Once TP has swapped the head and criterion for
-vocab-parallel ones, forward computes the local logits and calls the criterion on them, and
-returns (logits, loss).
+The loss: with an nn.CrossEntropyLoss criterion it is `lmkernels.fused_linear_cross_entropy`
+(or, once TP has made the head vocab-parallel, the head's own vocab-parallel version), which
+never materializes the (B, T, V) logits, and forward returns (None, loss). A swapped-in
+criterion gets the logits instead, and forward returns (logits, loss).
 """
 import math
 from dataclasses import dataclass
@@ -169,11 +168,13 @@ class GPT(CausalLM):
         return self.transformer.ln_f(x)
 
     def _fused_loss_applies(self) -> bool:
-        """True while head and criterion are the plain modules built in __init__ (not the
-        vocab-parallel ones TP swaps in) with options the fused op reproduces exactly, in a
-        dtype it has kernels for (a float64 copy, as tests use for ground truth, runs eager)."""
+        """True while the criterion is the plain one built in __init__ (not one swapped in), the
+        head an nn.Linear or TP's vocab-parallel head, with options the fused op reproduces
+        exactly, in a dtype it has kernels for (a float64 copy, as tests use for ground truth,
+        runs eager)."""
         c = self.criterion
-        return (type(self.lm_head) is nn.Linear and type(c) is nn.CrossEntropyLoss
+        head = self.lm_head
+        return ((type(head) is nn.Linear or hasattr(head, "fused_loss")) and type(c) is nn.CrossEntropyLoss
                 and c.weight is None and c.reduction == "mean" and c.label_smoothing == 0.0
                 and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
@@ -185,12 +186,9 @@ class GPT(CausalLM):
         if targets is None:  # inference: only the last position is needed
             return self.lm_head(x[:, [-1], :]), None
         if self._fused_loss_applies():
-            loss = lmkernels.fused_linear_cross_entropy(x, self.lm_head.weight, targets,
-                                                        bias=self.lm_head.bias,
-                                                        ignore_index=self.criterion.ignore_index)
-            return None, loss
+            return None, self.head_loss(x, targets, self.criterion.ignore_index)
         B, T = idx.size()
-        logits = self.lm_head(x)  # (B, T, V / tp) under tensor parallelism
+        logits = self.lm_head(x)  # (B, T, V) (gathered from the ranks under tensor parallelism)
         loss = self.criterion(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
 

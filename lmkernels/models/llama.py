@@ -184,9 +184,7 @@ class Llama(CausalLM):
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
-        loss = lmkernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets,
-                                                    ignore_index=self.ignore_index)
-        return None, loss
+        return None, self.head_loss(h, targets, self.ignore_index)
 
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token: 6 N plus causal attention's 6 L nh hd T (PaLM appendix B)."""

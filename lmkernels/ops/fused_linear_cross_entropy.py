@@ -15,6 +15,11 @@ gradient is needed and the loss is a scalar (mean/sum), the forward computes dh,
 its own chunk loop (3 GEMMs in all, as eager) and the backward only scales them by the
 upstream gradient; reduction="none" recomputes X in the backward from the saved lse (4
 GEMMs). bench/bench_flce.py measures both. Math: lmkernels/reference/fused_linear_cross_entropy.py.
+
+Vocab-parallel shard mode (the ops' vocab_start / vocab_size arguments; the schema comment in
+csrc/fused_linear_cross_entropy.cpp): the forward returns a shard's per-row partial statistics
+and the backward its gradients given the full lse. The tensor-parallel loss built on it, and the
+only caller: lmkernels/distributed/vocab_parallel.py.
 """
 from typing import Optional, Tuple
 
@@ -84,11 +89,14 @@ def _check_shapes(op, hidden, weight, target, bias):
 
 @torch.library.register_fake(f"lmkernels::{_OP}_fwd")
 def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-              reduction, chunk_size, compute_grad, *, backend="auto"):
+              reduction, chunk_size, compute_grad, vocab_start=0, vocab_size=0, *, backend="auto"):
     _check_shapes(f"{_OP}_fwd", hidden, weight, target, bias)
     torch._check_value(reduction in _REDUCTIONS, lambda: f"{_OP}_fwd: reduction must be one of {_REDUCTIONS}; got {reduction!r}")
     torch._check_value(not (compute_grad and reduction == "none"), lambda: (
         f"{_OP}_fwd: compute_grad needs reduction 'mean' or 'sum' (a scalar loss)"))
+    torch._check_value(vocab_size == 0 or (reduction == "none" and not compute_grad), lambda: (
+        f"{_OP}_fwd: a vocab-parallel shard's forward (vocab_size > 0) needs reduction 'none' and "
+        f"compute_grad false; got {reduction!r}, {compute_grad}"))
     N = hidden.shape[0]
     loss_shape = (N,) if reduction == "none" else ()
     f32 = dict(dtype=torch.float32)
@@ -101,7 +109,7 @@ def _fwd_fake(hidden, weight, target, bias, ignore_index, label_smoothing, z_los
 
 @torch.library.register_fake(f"lmkernels::{_OP}_bwd")
 def _bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss,
-              softcap, reduction, chunk_size, *, backend="auto"):
+              softcap, reduction, chunk_size, vocab_start=0, vocab_size=0, *, backend="auto"):
     _check_shapes(f"{_OP}_bwd", hidden, weight, target, bias)
     torch._check_value(lse.dim() == 1 and lse.shape[0] == hidden.shape[0], lambda: (
         f"{_OP}_bwd: lse must be (N,) with N = {hidden.shape[0]}; got shape {tuple(lse.shape)}"))
@@ -111,19 +119,22 @@ def _bwd_fake(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_
 
 # ---------------------------------------------------------------- CUDA tensors: backend table
 def _fwd_triton(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                reduction, chunk_size, compute_grad):
+                reduction, chunk_size, compute_grad, vocab_start=0, vocab_size=0):
     load_extension().check_flce_fwd_args(hidden, weight, target, bias, label_smoothing, z_loss,
-                                         softcap, reduction, chunk_size, compute_grad)
+                                         softcap, reduction, chunk_size, compute_grad,
+                                         vocab_start, vocab_size)
     return kernels.flce_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
-                            softcap, reduction, chunk_size, compute_grad)
+                            softcap, reduction, chunk_size, compute_grad, vocab_start, vocab_size)
 
 
 def _bwd_triton(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing,
-                z_loss, softcap, reduction, chunk_size):
+                z_loss, softcap, reduction, chunk_size, vocab_start=0, vocab_size=0):
     load_extension().check_flce_bwd_args(grad_loss, hidden, weight, target, bias, lse,
-                                         label_smoothing, z_loss, softcap, reduction, chunk_size)
+                                         label_smoothing, z_loss, softcap, reduction, chunk_size,
+                                         vocab_start, vocab_size)
     return kernels.flce_bwd(grad_loss, hidden, weight, target, bias, lse, ignore_index,
-                            label_smoothing, z_loss, softcap, reduction, chunk_size)
+                            label_smoothing, z_loss, softcap, reduction, chunk_size, vocab_start,
+                            vocab_size)
 
 
 FWD_TABLE = BackendTable(f"{_OP}_fwd", {"triton": _fwd_triton})
@@ -132,24 +143,28 @@ BWD_TABLE = BackendTable(f"{_OP}_bwd", {"triton": _bwd_triton})
 
 @torch.library.impl(f"lmkernels::{_OP}_fwd", "CUDA")
 def _fwd_on_cuda(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                 reduction, chunk_size, compute_grad, *, backend="auto"):
+                 reduction, chunk_size, compute_grad, vocab_start=0, vocab_size=0, *, backend="auto"):
     return FWD_TABLE.pick(backend)(hidden, weight, target, bias, ignore_index, label_smoothing,
-                                   z_loss, softcap, reduction, chunk_size, compute_grad)
+                                   z_loss, softcap, reduction, chunk_size, compute_grad,
+                                   vocab_start, vocab_size)
 
 
 @torch.library.impl(f"lmkernels::{_OP}_bwd", "CUDA")
 def _bwd_on_cuda(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing,
-                 z_loss, softcap, reduction, chunk_size, *, backend="auto"):
+                 z_loss, softcap, reduction, chunk_size, vocab_start=0, vocab_size=0, *, backend="auto"):
     return BWD_TABLE.pick(backend)(grad_loss, hidden, weight, target, bias, lse, ignore_index,
-                                   label_smoothing, z_loss, softcap, reduction, chunk_size)
+                                   label_smoothing, z_loss, softcap, reduction, chunk_size,
+                                   vocab_start, vocab_size)
 
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     hidden, weight, target, bias, *opts = inputs
     _, z, lse, gh, gw, gb = output
-    compute_grad = opts[-1]
-    ctx.opts = tuple(opts[:-1])  # ignore_index .. chunk_size, as the bwd op takes them
+    # opts: ignore_index .. chunk_size, compute_grad[, vocab_start, vocab_size]
+    compute_grad = opts[6]
+    ctx.opts = tuple(opts[:6]) + tuple(opts[7:])  # as the bwd op takes them
+    ctx.vocab_shard = len(opts) > 8 and opts[8] > 0
     ctx.backend = keyword_only_inputs.get("backend", "auto")
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, target, bias, lse)
@@ -161,8 +176,13 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
+    n_inputs = 4 + len(ctx.opts) + 1
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * n_inputs
+    if ctx.vocab_shard:  # partial statistics: their gradient needs the other shards' lse
+        raise RuntimeError(f"{_OP}_fwd: a vocab-parallel shard's partial statistics are not "
+                           "differentiable on their own; use lmkernels.distributed.vocab_parallel."
+                           "vocab_parallel_fused_linear_cross_entropy")
     hidden, weight, target, bias, lse = ctx.saved_tensors
     if ctx.grads is not None:
         gh, gw, gb = ctx.grads
@@ -171,7 +191,7 @@ def _backward(ctx, grad_loss, *_unused):
     else:
         gh, gw, gb = torch.ops.lmkernels.fused_linear_cross_entropy_bwd(
             grad_loss, hidden, weight, target, bias, lse, *ctx.opts, backend=ctx.backend)
-    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 7
+    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * (n_inputs - 4)
 
 
 torch.library.register_autograd(f"lmkernels::{_OP}_fwd", _backward, setup_context=_setup_context)

@@ -10,6 +10,11 @@ with q the smoothed one-hot target: Q_OTHER = eps / V, Q_TARGET = 1 - eps + eps 
 double on the host: exactly 1 when V = 1); p - q first keeps the cancellation exact near p = q.
 written in place over X (COMPUTE_GRAD); s = the row's share of the upstream gradient
 (SCALE_PER_ROW: scale[row], else scale[0]). Rows with t == ignore_index: loss 0, dX 0.
+A vocab-parallel shard: X holds the classes [vocab_start, vocab_start + V) of a V_total
+vocabulary (the whole one: 0 and V), t is a global class id (no one-hot term when another
+shard holds it) and the smoothing is spread over V_total; PARTIAL (shard forward) stores this
+shard's lse and loss = -(1 - eps) y_t [t here] - eps sum_j y_j / V_total instead, z = 0
+(lmkernels/distributed/vocab_parallel.py combines the shards).
 The chunk loop then takes dh = dX W and dW += dX^T h (fp32 accumulator) from cuBLAS.
 """
 import triton
@@ -28,15 +33,17 @@ def _softcapped(x, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def flce_row_kernel(x_ptr, stride_x, target_ptr, scale_ptr, lse_ptr, loss_ptr, z_ptr,
-                    V, ignore_index, eps, q_other, q_target, z_coef, softcap,
+                    V, vocab_start, V_total, ignore_index, eps, q_other, q_target, z_coef, softcap,
                     HAVE_LSE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                    SCALE_PER_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
+                    SCALE_PER_ROW: tl.constexpr, SOFTCAP: tl.constexpr, PARTIAL: tl.constexpr,
                     BLOCK_V: tl.constexpr, DTYPE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_x
     offs0 = tl.arange(0, BLOCK_V)
-    t = tl.load(target_ptr + row)
-    if t == ignore_index:
+    t_global = tl.load(target_ptr + row)
+    t = t_global - vocab_start  # the target's column, if this shard holds it
+    here = (t >= 0) & (t < V)
+    if t_global == ignore_index:
         if COMPUTE_GRAD:
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + offs0
@@ -63,9 +70,14 @@ def flce_row_kernel(x_ptr, stride_x, target_ptr, scale_ptr, lse_ptr, loss_ptr, z
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new), 0)
                 m = m_new
             lse = m + tl.log(s)
-            y_t = _softcapped(tl.load(base + t).to(tl.float32), softcap, SOFTCAP)
-            z_row = z_coef * lse * lse
-            loss = (1.0 - eps) * (lse - y_t) + eps * (lse - sum_y / V) + z_row
+            y_t = _softcapped(tl.load(base + t, mask=here, other=0.0).to(tl.float32), softcap, SOFTCAP)
+            y_t = tl.where(here, y_t, 0.0)
+            if PARTIAL:
+                z_row = 0.0
+                loss = -(1.0 - eps) * y_t - eps * sum_y / V_total
+            else:
+                z_row = z_coef * lse * lse
+                loss = (1.0 - eps) * (lse - y_t) + eps * (lse - sum_y / V_total) + z_row
             tl.store(lse_ptr + row, lse)
             tl.store(loss_ptr + row, loss)
             tl.store(z_ptr + row, z_row)
@@ -94,16 +106,18 @@ NUM_WARPS = 8
 
 
 def _row_kernel_call(x, target, scale, lse, loss_rows, z_rows, *, ignore_index, label_smoothing,
-                     z_loss, softcap, have_lse, compute_grad, scale_per_row):
+                     z_loss, softcap, have_lse, compute_grad, scale_per_row, vocab_start=0,
+                     vocab_size=0):
     """(args, kwargs) of flce_row_kernel for a (C, V) chunk x: the one place both the launcher
-    and compile_specs() build the call from."""
+    and compile_specs() build the call from. vocab_size > 0: x is a vocab-parallel shard's chunk."""
     V = x.shape[1]
-    args = (x, x.stride(0), target, scale, lse, loss_rows, z_rows, V, ignore_index,
-            float(label_smoothing), label_smoothing / V, 1.0 - label_smoothing + label_smoothing / V,
-            float(z_loss), float(softcap or 1.0))
+    V_total = vocab_size or V
+    args = (x, x.stride(0), target, scale, lse, loss_rows, z_rows, V, vocab_start, V_total,
+            ignore_index, float(label_smoothing), label_smoothing / V_total,
+            1.0 - label_smoothing + label_smoothing / V_total, float(z_loss), float(softcap or 1.0))
     kwargs = dict(HAVE_LSE=have_lse, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
-                  SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V, DTYPE=tl_dtype(x.dtype),
-                  num_warps=NUM_WARPS)
+                  SOFTCAP=softcap is not None, PARTIAL=vocab_size > 0 and not have_lse,
+                  BLOCK_V=BLOCK_V, DTYPE=tl_dtype(x.dtype), num_warps=NUM_WARPS)
     return args, kwargs
 
 
@@ -126,7 +140,8 @@ def compile_specs():
     C, V = 1024, 32000
     f32 = lambda *shape: ArgTensor(torch.float32, shape=shape)  # noqa: E731
     modes = {"fwd": (False, False, False), "fwd+grad": (False, True, False),
-             "bwd scalar": (True, True, False), "bwd per-row": (True, True, True)}
+             "bwd scalar": (True, True, False), "bwd per-row": (True, True, True),
+             "fwd vocab-shard": (False, False, False)}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for softcap in (None, 30.0):
             for mode, (have_lse, grad, per_row) in modes.items():
@@ -134,7 +149,8 @@ def compile_specs():
                     ArgTensor(dtype, shape=(C, V)), ArgTensor(torch.int64, shape=(C,)),
                     f32(C if per_row else 1), f32(C), f32(C), f32(C), ignore_index=-100,
                     label_smoothing=0.1, z_loss=1e-4, softcap=softcap, have_lse=have_lse,
-                    compute_grad=grad, scale_per_row=per_row)
+                    compute_grad=grad, scale_per_row=per_row,
+                    vocab_size=4 * V if mode == "fwd vocab-shard" else 0)
                 name = f"flce_row {str(dtype).removeprefix('torch.')} {mode}{' softcap' if softcap else ''}"
                 yield CompileSpec(name, Launch(flce_row_kernel, args, kwargs), vector_loads=True)
 
@@ -155,6 +171,7 @@ def _check_targets(target, V, ignore_index):
 
 def _chunk_loop(hidden, weight, target, bias, scale, lse, loss_rows, z_rows, grads, *, opts,
                 chunk_size, have_lse, scale_per_row):
+    # opts: the loss options of _row_kernel_call (ignore_index .. softcap, vocab_start, vocab_size)
     import torch
 
     N, V = hidden.shape[0], weight.shape[0]
@@ -201,13 +218,13 @@ def _reduce(rows, target, ignore_index, reduction):
 
 
 def flce_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-             reduction, chunk_size, compute_grad):
+             reduction, chunk_size, compute_grad, vocab_start=0, vocab_size=0):
     """Launcher with the signature and outputs of torch.ops.lmkernels.fused_linear_cross_entropy_fwd."""
     import torch
 
     N, H = hidden.shape
     V = weight.shape[0]
-    _check_targets(target, V, ignore_index)
+    _check_targets(target, vocab_size or V, ignore_index)
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse, loss_rows, z_rows = (torch.zeros(N, **f32) for _ in range(3))
@@ -217,7 +234,8 @@ def flce_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss
         gw = torch.zeros(V, H, **f32) if weight.dtype != torch.float32 else torch.zeros_like(weight)
         gb = torch.zeros(V, **f32) if bias is not None else None
         grads = (torch.empty_like(hidden), gw, gb)
-    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                vocab_start=vocab_start, vocab_size=vocab_size)
     _chunk_loop(hidden, weight, target, bias, scale, lse, loss_rows, z_rows, grads, opts=opts,
                 chunk_size=chunk_size, have_lse=False, scale_per_row=per_row)
     loss = _reduce(loss_rows, target, ignore_index, reduction)
@@ -230,19 +248,21 @@ def flce_fwd(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss
 
 
 def flce_bwd(grad_loss, hidden, weight, target, bias, lse, ignore_index, label_smoothing, z_loss,
-             softcap, reduction, chunk_size):
+             softcap, reduction, chunk_size, vocab_start=0, vocab_size=0):
     """Launcher with the signature and outputs of torch.ops.lmkernels.fused_linear_cross_entropy_bwd."""
     import torch
 
     N, H = hidden.shape
     V = weight.shape[0]
+    _check_targets(target, vocab_size or V, ignore_index)  # the op can be called on its own
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     scale, per_row = _row_scale(target, ignore_index, reduction, grad_loss)
     gw = torch.zeros(V, H, **f32) if weight.dtype != torch.float32 else torch.zeros_like(weight)
     gb = torch.zeros(V, **f32) if bias is not None else None
     grads = (torch.empty_like(hidden), gw, gb)
-    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                vocab_start=vocab_start, vocab_size=vocab_size)
     _chunk_loop(hidden, weight, target, bias, scale, lse.contiguous(), None, None, grads, opts=opts,
                 chunk_size=chunk_size, have_lse=True, scale_per_row=per_row)
     gh, gw, gb = grads
