@@ -1,7 +1,12 @@
-"""What a fused LayerNorm + residual add, or a fused bias + GELU, could save GPT at bench_train's
-config at most: the eager ops' forward+backward with and without the part a fusion would remove.
+"""Parts of GPT's step at bench_train's config, forward+backward, each with and without one cost:
+- what a fused LayerNorm + residual add, or a fused bias + GELU, could save at most (the eager ops
+  with and without the part a fusion would remove);
+- attention on q, k, v that are views of c_attn's output (as GPT calls it) vs contiguous copies,
+  lmkernels.attention next to SDPA (SDPA returns out and dq/dk/dv in the (B, T, H, D) memory order
+  of such views, so the model's transpose/reshape and their backward are free; a contiguous
+  (B, H, T, D) result costs copies there).
 
-    PYTHONPATH=. python3 bench/bench_gpt_fusion_bounds.py [--reps 30]
+    PYTHONPATH=. python3 bench/bench_gpt_parts.py [--reps 30]
 
 Shapes: the residual stream (12, 64, 128) and the MLP's (768, 512) pre-activation, fp32, 1 thread.
 Time: thread CPU time (a machine shared with other jobs disturbs it far less than wall clock),
@@ -16,7 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-B, T, C, HIDDEN = 12, 64, 128, 512
+import lmkernels
+
+B, T, C, HIDDEN, N_HEAD = 12, 64, 128, 512, 4
 
 
 def cases():
@@ -44,9 +51,28 @@ def cases():
         h = F.linear(xin, weight).detach().requires_grad_()
         torch.autograd.grad(F.gelu(h), (h,), gh)
 
+    qkv = torch.randn(B, T, 3 * C, requires_grad=True)
+
+    def heads():  # as GPT's CausalSelfAttention: (B, nh, T, hs) views of c_attn's output
+        return [t.view(B, T, N_HEAD, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+
+    contiguous = [t.detach().contiguous().requires_grad_() for t in heads()]
+    gy = torch.randn(B, T, C)
+
+    def attention_case(fn, views: bool):
+        def run():
+            q, k, v = heads() if views else contiguous
+            y = fn(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)  # as GPT
+            torch.autograd.grad(y, (qkv,) if views else contiguous, gy)
+        return run
+
     return dict(add_then_layer_norm=add_then_layer_norm, layer_norm_alone=layer_norm_alone,
                 linear_bias_gelu=linear_bias_gelu, linear_gelu_no_bias=linear_gelu_no_bias,
-                gelu_alone=gelu_alone)
+                gelu_alone=gelu_alone,
+                lmkernels_attention_on_c_attn_views=attention_case(lmkernels.attention, True),
+                lmkernels_attention_on_contiguous=attention_case(lmkernels.attention, False),
+                sdpa_on_c_attn_views=attention_case(F.scaled_dot_product_attention, True),
+                sdpa_on_contiguous=attention_case(F.scaled_dot_product_attention, False))
 
 
 def main():
