@@ -15,8 +15,17 @@ iteration, tokens/s, their ratio, and the mean loss of the last iterations of ea
     PYTHONPATH=. python3 bench/bench_train.py [--iters 200] [--rounds 2] [--write bench/results/train-cpu.md]
     PYTHONPATH=. python3 bench/bench_train.py --model llama [--write bench/results/train-llama-cpu.md]
     PYTHONPATH=. python3 -m pytest bench/bench_train.py --benchmark-only   # one iteration each
+    PYTHONPATH=. python3 bench/bench_train.py --model llama --breakdown [--rounds 8] [--threads 1]
+
+--breakdown times one training step of each side per phase (forward, backward, gradient clip +
+optimizer step) in thread CPU time, which a machine shared with other jobs disturbs far less
+than wall clock (with --threads 1 the step runs on this thread alone), in alternating segments
+of 5 steps; and lists the top ops by self time under torch.profiler, ours next to eager. Ours
+there is the trainer's model, clip (tp_utils.clip_grad_norm_) and optimizer (FusedAdamW) driven
+by the same plain loop as the reference, not the trainer's loop itself.
 """
 import argparse
+import collections
 import contextlib
 import platform
 import statistics
@@ -24,11 +33,13 @@ import tempfile
 import time
 
 import torch
+from torch.profiler import profile
 
 import lmkernels
 from lmkernels.train import TrainConfig, train
 from lmkernels.train.data import BatchSampler, prepare_data
-from lmkernels.train.loop import get_lr
+from lmkernels.distributed import tp_utils
+from lmkernels.train.loop import get_lr, make_optimizer
 from lmkernels.train.models import build_model, model_args_from_config
 
 CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
@@ -99,28 +110,37 @@ def train_config(iters: int, out_dir: str, **extra) -> TrainConfig:
 
 
 class Reference:
-    """Eager PyTorch: same model, SDPA, torch.optim.AdamW, torch's clip_grad_norm_."""
+    """Eager PyTorch: same model, SDPA, torch.optim.AdamW, torch's clip_grad_norm_.
+    With ours=True (--breakdown only): the lmkernels ops, FusedAdamW and the trainer's clip."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, ours: bool = False):
+        self.cfg, self.ours = cfg, ours
         self.data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, verbose=False)
         torch.manual_seed(cfg.seed)  # the trainer's initialization
         self.model = build_model(model_args_from_config(cfg, self.data.vocab_size))
-        self.optimizer = torch.optim.AdamW(self.model.configure_optimizer_groups(cfg.weight_decay),
-                                           lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+        groups = self.model.configure_optimizer_groups(cfg.weight_decay)
+        self.optimizer = make_optimizer(groups, cfg) if ours else torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
         self.sampler = BatchSampler(self.data, cfg.block_size, cfg.batch_size, cfg.seed)
 
-    def step(self, it: int) -> float:
+    def step(self, it: int, clock=None) -> float:
+        """One iteration; with clock, returns (forward, backward, clip + step) times instead."""
         for group in self.optimizer.param_groups:
             group["lr"] = get_lr(it, self.cfg)
         x, y = self.sampler.get_batch("train", it)
-        with torch_attention(self.cfg.model):
+        t0 = clock() if clock else 0.0
+        with contextlib.nullcontext() if self.ours else torch_attention(self.cfg.model):
             _, loss = self.model(x, y)
+        t1 = clock() if clock else 0.0
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        t2 = clock() if clock else 0.0
+        if self.ours:
+            tp_utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return (t1 - t0, t2 - t1, clock() - t2) if clock else loss.item()
 
     def run(self, iters: int) -> list:
         records = []
@@ -155,6 +175,40 @@ def compare(iters: int, rounds: int, compiled: bool = False, warmup: int = 10, t
                 ratio_compiled=ms["reference"] / ms["ours_compiled"] if compiled else None)
 
 
+def breakdown(rounds: int, model: str = "gpt", segment: int = 5, top: int = 25) -> str:
+    """Per-phase thread-CPU-time medians and the top ops by self time, ours next to eager."""
+    sides = {"ours": Reference(train_config(1, "unused", model=model), ours=True),
+             "eager": Reference(train_config(1, "unused", model=model))}
+    phases = {name: [] for name in sides}
+    op_ms, calls = ({name: collections.Counter() for name in sides} for _ in range(2))
+    for side in sides.values():  # warm-up
+        for it in range(3):
+            side.step(it)
+    for r in range(rounds):
+        for name, side in sides.items():
+            for it in range(segment):
+                phases[name].append(side.step(r * segment + it, clock=time.thread_time))
+            with profile() as prof:
+                for it in range(segment):
+                    side.step(r * segment + it)
+            for e in prof.key_averages():
+                op_ms[name][e.key] += e.self_cpu_time_total / 1000
+                calls[name][e.key] += e.count
+    med = {n: [1000 * statistics.median(p[k] for p in phases[n]) for k in range(3)] for n in sides}
+    tot = {n: 1000 * statistics.median(sum(p) for p in phases[n]) for n in sides}
+    rows = ["| ms / iteration (thread CPU time, median) | forward | backward | clip + step | total |",
+            "|---|---:|---:|---:|---:|"]
+    rows += [f"| {n} | " + " | ".join(f"{v:.1f}" for v in med[n]) + f" | {tot[n]:.1f} |" for n in sides]
+    rows.append(f"\n**eager / ours: {tot['eager'] / tot['ours']:.2f}x** (CPU time)\n")
+    n = rounds * segment
+    keys = sorted(set(op_ms["ours"]) | set(op_ms["eager"]), key=lambda k: -max(op_ms["ours"][k], op_ms["eager"][k]))
+    rows += ["| op (torch.profiler self time, wall, ms / iteration) | ours | eager | calls ours / eager |",
+             "|---|---:|---:|---:|"]
+    rows += [f"| {k[:70]} | {op_ms['ours'][k] / n:.2f} | {op_ms['eager'][k] / n:.2f} | "
+             f"{calls['ours'][k] // n} / {calls['eager'][k] // n} |" for k in keys[:top]]
+    return "\n".join(rows)
+
+
 def table(result: dict) -> str:
     rows = ["| trainer | ms / iteration (median) | tokens/s | mean loss, last {tail} of {iters} iterations |".format(**result),
             "|---|---:|---:|---:|"]
@@ -166,7 +220,7 @@ def table(result: dict) -> str:
     for key in [k for k in names if k in result["ms"]]:
         rows.append(f"| {names[key]} | {result['ms'][key]:.1f} | {result['tokens_per_s'][key]:,.0f} | "
                     f"{result['losses'][key]:.4f} |")
-    rows.append(f"\n**Speed-up: {result['ratio']:.2f}x** tokens/s, eager vs eager (target >= 1.3x).")
+    rows.append(f"\n**Speed-up: {result['ratio']:.2f}x** tokens/s, lmkernels-train vs eager PyTorch (target >= 1.3x).")
     if result["ratio_compiled"]:
         rows.append(f"With compile=true: **{result['ratio_compiled']:.2f}x** (compilation time excluded).")
     return "\n".join(rows)
@@ -180,9 +234,16 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--model", default="gpt", choices=("gpt", "llama"), help="the trainer's --model")
     parser.add_argument("--write", default=None, help="also write the markdown to this file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-phase CPU time and per-op profile instead of the trainer's tokens/s")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.breakdown:
+        print(f"## Step breakdown, CPU, model={args.model}\n\n{torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}; config {CONFIG}; {args.rounds} rounds of 5 + 5 profiled steps per side.\n")
+        print(breakdown(args.rounds, args.model))
+        return
     result = compare(args.iters, args.rounds, args.compile, model=args.model)
     md = (f"## Trainer tokens/s, CPU, model={args.model}\n\n{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus "

@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include "autograd_fn.h"
+
 #include <cmath>
 
 namespace lmk {
@@ -95,4 +97,99 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
   m.def(
       "rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_sum, *, "
       "str backend=\"auto\") -> (Tensor, Tensor)");
+}
+
+namespace lmk {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Autograd in C++ (not torch.library.register_autograd): the Python path costs ~65-150 us of
+// interpreter time per forward+backward, as much as the kernels at the trainer's sizes (see
+// csrc/swiglu.cpp). Both forwards' backward is the rms_norm_bwd op; rstd is not differentiable.
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_op(const at::Tensor& grad_out, const at::Tensor& x,
+                                                   const at::Tensor& weight, const at::Tensor& rstd,
+                                                   const std::optional<at::Tensor>& grad_sum,
+                                                   const std::string& backend) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const std::optional<at::Tensor>&, c10::string_view)>("rms_norm_bwd");
+  return op.call(grad_out, x, weight, rstd, grad_sum, backend);
+}
+
+struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               double eps, const std::string& backend) {
+    static const auto fwd = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, double, c10::string_view)>("rms_norm_fwd");
+    at::Tensor out, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, rstd) = fwd.call(x, weight, eps, backend);
+    }
+    ctx->mark_non_differentiable({rstd});
+    ctx->save_for_backward({x, weight, rstd});
+    ctx->saved_data["backend"] = backend;
+    return {out, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // x, weight, rstd
+    auto [dx, dweight] = rms_norm_bwd_op(grads[0], saved[0], saved[1], saved[2], std::nullopt,
+                                         ctx->saved_data["backend"].toStringRef());
+    return {dx, dweight, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct AddRmsNormFunction : torch::autograd::Function<AddRmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& residual,
+                               const at::Tensor& weight, double eps, const std::string& backend) {
+    static const auto fwd = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, double, c10::string_view)>(
+        "add_rms_norm_fwd");
+    at::Tensor out, sum, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, sum, rstd) = fwd.call(x, residual, weight, eps, backend);
+    }
+    ctx->mark_non_differentiable({rstd});
+    ctx->save_for_backward({sum, weight, rstd});  // the sum is what was normalized
+    ctx->saved_data["backend"] = backend;
+    // An unused output's gradient stays undefined: no zeros are made for a sum nobody reads
+    // (the last layer's), it is passed to rms_norm_bwd as None.
+    ctx->set_materialize_grads(false);
+    return {out, sum, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // sum, weight, rstd
+    const at::Tensor& sum = saved[0];
+    const at::Tensor grad_out = grads[0].defined()
+        ? grads[0] : at::zeros(sum.sizes(), sum.options().dtype(saved[1].scalar_type()));
+    std::optional<at::Tensor> grad_sum;
+    if (grads[1].defined()) grad_sum = grads[1];
+    auto [dsum, dweight] = rms_norm_bwd_op(grad_out, sum, saved[1], saved[2], grad_sum,
+                                           ctx->saved_data["backend"].toStringRef());
+    return {dsum, dsum, dweight, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                                         double eps, c10::string_view backend) {
+  auto outs = RmsNormFunction::apply(x, weight, eps, std::string(backend));
+  return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_autograd(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
+    c10::string_view backend) {
+  auto outs = AddRmsNormFunction::apply(x, residual, weight, eps, std::string(backend));
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY_IMPL(lmkernels, Autograd, m) {
+  m.impl("rms_norm_fwd", &lmk::rms_norm_fwd_autograd);
+  m.impl("add_rms_norm_fwd", &lmk::add_rms_norm_fwd_autograd);
 }

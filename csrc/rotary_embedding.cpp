@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include "autograd_fn.h"
+
 namespace lmk {
 
 void check_rotary_embedding_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
@@ -56,4 +58,56 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
   m.def(
       "rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, "
       "bool inverse, *, str backend=\"auto\") -> (Tensor, Tensor)");
+}
+
+namespace lmk {
+namespace {
+
+using RotarySignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&, const at::Tensor&,
+                                                           bool, bool, c10::string_view);
+
+// Autograd in C++ (not torch.library.register_autograd: see csrc/swiglu.cpp for the cost of
+// the Python path). The backward is the same op with `inverse` flipped (the rotation's
+// transpose, i.e. the rotation by -theta); cos and sin get no gradient.
+struct RotaryFunction : torch::autograd::Function<RotaryFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& cos, const at::Tensor& sin,
+                                                bool interleaved, bool inverse,
+                                                const std::string& backend) {
+    static const auto op = op_handle<RotarySignature>("rotary_embedding");
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["inverse"] = inverse;
+    ctx->saved_data["backend"] = backend;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [q_rot, k_rot] = op.call(q, k, cos, sin, interleaved, inverse, backend);
+    return {q_rot, k_rot};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = op_handle<RotarySignature>("rotary_embedding");
+    const auto saved = ctx->get_saved_variables();  // cos, sin
+    auto [dq, dk] = op.call(grads[0], grads[1], saved[0], saved[1],
+                            ctx->saved_data["interleaved"].toBool(),
+                            !ctx->saved_data["inverse"].toBool(),
+                            ctx->saved_data["backend"].toStringRef());
+    return {dq, dk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& cos, const at::Tensor& sin,
+                                                             bool interleaved, bool inverse,
+                                                             c10::string_view backend) {
+  auto outs = RotaryFunction::apply(q, k, cos, sin, interleaved, inverse, std::string(backend));
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY_IMPL(lmkernels, Autograd, m) {
+  m.impl("rotary_embedding", &lmk::rotary_embedding_autograd);
 }

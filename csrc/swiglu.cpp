@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include "autograd_fn.h"
+
 namespace lmk {
 
 void check_swiglu_args(const char* op, const at::Tensor& gate, const at::Tensor& up,
@@ -37,4 +39,43 @@ TORCH_LIBRARY_FRAGMENT(lmkernels, m) {
   m.def(
       "swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up, *, str backend=\"auto\") "
       "-> (Tensor, Tensor)");
+}
+
+namespace lmk {
+namespace {
+
+// Autograd in C++ rather than torch.library.register_autograd: the Python path costs about
+// 130 us of interpreter time per forward+backward (measured: 218 us vs 90 us for the eager
+// silu(g) * u on a (2, 3, 8) input, 1 thread), which at the trainer's sizes is a third of
+// the kernels' own time. The backward is the swiglu_bwd op, called through the dispatcher.
+struct SwigluFunction : torch::autograd::Function<SwigluFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate,
+                            const at::Tensor& up, const std::string& backend) {
+    ctx->save_for_backward({gate, up});  // silu is recomputed from gate, never saved
+    ctx->saved_data["backend"] = backend;
+    static const auto fwd =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>("swiglu_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return fwd.call(gate, up, backend);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto bwd =
+        op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, c10::string_view)>("swiglu_bwd");
+    const auto saved = ctx->get_saved_variables();
+    auto [dgate, dup] = bwd.call(grads[0], saved[0], saved[1], ctx->saved_data["backend"].toStringRef());
+    return {dgate, dup, at::Tensor()};
+  }
+};
+
+at::Tensor swiglu_fwd_autograd(const at::Tensor& gate, const at::Tensor& up, c10::string_view backend) {
+  return SwigluFunction::apply(gate, up, std::string(backend));
+}
+
+}  // namespace
+}  // namespace lmk
+
+TORCH_LIBRARY_IMPL(lmkernels, Autograd, m) {
+  m.impl("swiglu_fwd", &lmk::swiglu_fwd_autograd);
 }

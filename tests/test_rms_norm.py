@@ -158,6 +158,22 @@ def test_public_functions_autograd_reach_every_input():
     assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_autograd_unused_outputs_and_rstd():
+    """The C++ autograd: an unused sum (the last layer's) reaches rms_norm_bwd as None, and
+    rstd is an output without a gradient."""
+    x, r = torch.randn(9, 40, requires_grad=True), torch.randn(9, 40, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(40)).requires_grad_()
+    g = torch.randn(9, 40)
+    out, _, rstd = torch.ops.lmkernels.add_rms_norm_fwd(x, r, w, EPS)
+    assert out.requires_grad and not rstd.requires_grad
+    out.backward(g)
+    xe, re, we = (t.detach().double().requires_grad_() for t in (x, r, w))
+    add_rms_norm_reference(xe, re, we, EPS)[0].backward(g.double())
+    for a, b in ((x, xe), (r, re), (w, we)):
+        torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.ops.lmkernels.rms_norm_fwd(x, w, EPS)[1].requires_grad
+
+
 @pytest.mark.parametrize("kind", kernels())
 def test_non_contiguous_inputs(kind):
     dev = device_of(kind)

@@ -11,48 +11,19 @@
 // block rows are summed in chunks of kChunkRows first (two-level summation): a plain running
 // sum over 512 rows had 4x the error of torch's cascade sum (fp32, 1025 x 40).
 // bf16/fp16 rows are converted to fp32 in a per-thread buffer; all arithmetic is fp32.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <string_view>
-#include <type_traits>
 #include <vector>
 
 #include "../rms_norm.h"
+#include "float_rows.h"
 
 namespace lmk {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using namespace float_rows;
 constexpr int64_t kChunkRows = 32;
-
-// (rows, H) view of x with unit stride along H; a copy only when no such view exists.
-at::Tensor rows_view(const at::Tensor& t) {
-  at::Tensor v = t.reshape({-1, t.size(-1)});
-  return v.stride(1) == 1 ? v : v.contiguous();
-}
-
-template <typename T>
-void load_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-template <typename T>
-void store_float(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
 
 // v = float(T(v)): the rounding a store in T and a reload would do (identity for float).
 template <typename T>
@@ -66,13 +37,6 @@ void round_through(float* v, T* scratch, int64_t n) {
 float sum_of_squares(const float* x, int64_t n) {
   return at::vec::map_reduce_all<float>([](Vec v) { return v * v; },
                                         [](Vec a, Vec b) { return a + b; }, x, n);
-}
-
-void check_backend(const char* op, std::string_view backend) {
-  TORCH_CHECK_VALUE(backend == "auto" || backend == "cpu", op,
-                    ": on CPU tensors backend must be 'auto' or 'cpu' (the Triton kernels run on "
-                    "CPU tensors only through their launchers under TRITON_INTERPRET=1); got '",
-                    backend, "'");
 }
 
 // x_t: x's (and residual's) type; w_t: weight's, which is also the output's (x_t or float).
@@ -89,9 +53,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor* residual, const at::T
   std::vector<float> w(H);
   load_float(weight.const_data_ptr<w_t>(), w.data(), H);
   const float epsf = static_cast<float>(eps);
-  // ~64 KB of row data per task.
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / H);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  parallel_items(rows, H, [&](int64_t r0, int64_t r1) {
     std::vector<float> a(H), b(R ? H : 0);
     std::vector<x_t> scratch(std::is_same_v<x_t, float> ? 0 : H);
     for (int64_t r = r0; r < r1; ++r) {
@@ -175,29 +137,20 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
 }
 
 // Runs BODY with x_t, w_t bound to the dtypes of x and weight (w_t: x_t or float).
-#define LMK_RMS_NORM_DISPATCH(x, weight, BODY)                                   \
-  do {                                                                           \
-    const bool w_float_ = (weight).scalar_type() == at::kFloat;                  \
-    switch ((x).scalar_type()) {                                                 \
-      case at::kFloat: { using x_t = float; using w_t = float; BODY; break; }     \
-      case at::kBFloat16:                                                        \
-        if (w_float_) { using x_t = at::BFloat16; using w_t = float; BODY; }     \
-        else { using x_t = at::BFloat16; using w_t = at::BFloat16; BODY; }       \
-        break;                                                                   \
-      case at::kHalf:                                                            \
-        if (w_float_) { using x_t = at::Half; using w_t = float; BODY; }         \
-        else { using x_t = at::Half; using w_t = at::Half; BODY; }               \
-        break;                                                                   \
-      default: TORCH_CHECK(false, "unreachable: dtype checked before dispatch"); \
-    }                                                                            \
-  } while (0)
+#define LMK_RMS_NORM_DISPATCH(x, weight, BODY)                                      \
+  dispatch_float_types((x).scalar_type(), (weight).scalar_type() == at::kFloat,     \
+                       [&](auto x_tag_, auto w_tag_) {                              \
+                         using x_t = typename decltype(x_tag_)::type;               \
+                         using w_t = typename decltype(w_tag_)::type;               \
+                         BODY;                                                      \
+                       })
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_common(const char* op, const at::Tensor& x,
                                                                const at::Tensor* residual,
                                                                const at::Tensor& weight, double eps,
                                                                std::string_view backend) {
   check_rms_norm_args(op, x, residual, weight, eps);
-  check_backend(op, backend);
+  check_cpu_backend(op, backend);
   const int64_t H = x.size(-1);
   at::Tensor x2 = rows_view(x);
   at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
@@ -236,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_out,
                                                     const std::optional<at::Tensor>& grad_sum,
                                                     c10::string_view backend) {
   check_rms_norm_bwd_args(grad_out, x, weight, rstd, grad_sum);
-  check_backend("rms_norm_bwd", backend);
+  check_cpu_backend("rms_norm_bwd", backend);
   at::Tensor x2 = rows_view(x), g2 = rows_view(grad_out);
   at::Tensor gs2 = grad_sum ? rows_view(*grad_sum) : at::Tensor();
   at::Tensor r = rstd.contiguous(), w = weight.contiguous();

@@ -8,38 +8,17 @@
 // (inverse is the transpose of the forward map for any cos/sin, so the backward is exact even
 // when the halves of cos/sin differ). q and k may have any strides with a unit last stride (HF's
 // q is a (B, T, H, D) projection transposed to (B, H, T, D)); outputs are contiguous.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <string_view>
-#include <type_traits>
 #include <vector>
 
 #include "../rotary_embedding.h"
+#include "float_rows.h"
 
 namespace lmk {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-template <typename T>
-void load_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) std::copy(src, src + n, dst);
-  else at::vec::convert(src, dst, n);
-}
-
-template <typename T>
-void store_float(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) std::copy(src, src + n, dst);
-  else at::vec::convert(src, dst, n);
-}
-
-at::Tensor unit_last_stride(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
+using namespace float_rows;
 
 // ss (see the file comment) from s, for one position.
 void signed_sin(const float* s, float* ss, int64_t D, bool interleaved, bool inverse) {
@@ -76,13 +55,6 @@ void rotate_row(const float* x, const float* c, const float* ss, float* out, int
   }
 }
 
-void check_backend(const char* op, std::string_view backend) {
-  TORCH_CHECK_VALUE(backend == "auto" || backend == "cpu", op,
-                    ": on CPU tensors backend must be 'auto' or 'cpu' (the Triton kernels run on "
-                    "CPU tensors only through their launchers under TRITON_INTERPRET=1); got '",
-                    backend, "'");
-}
-
 template <typename x_t, typename c_t>
 void rotary_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                    const at::Tensor& sin, bool interleaved, bool inverse, at::Tensor& q_out,
@@ -95,8 +67,7 @@ void rotary_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
   const c_t* SIN = sin.const_data_ptr<c_t>();
   x_t* QO = q_out.data_ptr<x_t>();
   x_t* KO = k_out.data_ptr<x_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / ((H + Hkv) * D));
-  at::parallel_for(0, B * T, grain, [&](int64_t p0, int64_t p1) {
+  parallel_items(B * T, (H + Hkv) * D, [&](int64_t p0, int64_t p1) {
     std::vector<float> c(D), s(D), ss(D), x(D), o(D);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / T, t = p % T;
@@ -123,28 +94,16 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& q_in,
                                                         const at::Tensor& sin_in, bool interleaved,
                                                         bool inverse, c10::string_view backend) {
   check_rotary_embedding_args(q_in, k_in, cos_in, sin_in);
-  check_backend("rotary_embedding", backend);
+  check_cpu_backend("rotary_embedding", backend);
   at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in);
   at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
   if (q.numel() == 0 && k.numel() == 0) return {q_out, k_out};
-  const bool cs_float = cos.scalar_type() == at::kFloat;
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      rotary_kernel<float, float>(q, k, cos, sin, interleaved, inverse, q_out, k_out);
-      break;
-    case at::kBFloat16:
-      if (cs_float) rotary_kernel<at::BFloat16, float>(q, k, cos, sin, interleaved, inverse, q_out, k_out);
-      else rotary_kernel<at::BFloat16, at::BFloat16>(q, k, cos, sin, interleaved, inverse, q_out, k_out);
-      break;
-    case at::kHalf:
-      if (cs_float) rotary_kernel<at::Half, float>(q, k, cos, sin, interleaved, inverse, q_out, k_out);
-      else rotary_kernel<at::Half, at::Half>(q, k, cos, sin, interleaved, inverse, q_out, k_out);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable: dtype checked before dispatch");
-  }
+  dispatch_float_types(q.scalar_type(), cos.scalar_type() == at::kFloat, [&](auto x_tag, auto c_tag) {
+    rotary_kernel<typename decltype(x_tag)::type, typename decltype(c_tag)::type>(
+        q, k, cos, sin, interleaved, inverse, q_out, k_out);
+  });
   return {q_out, k_out};
 }
 

@@ -4,74 +4,29 @@
 // (PyTorch's own silu and silu_backward formulas, so inf/NaN behave as they do.) The backward
 // recomputes s from gate instead of reading a saved silu. Inputs are viewed as (rows, I) with
 // unit stride along I (a gate/up pair chunked from one fused projection needs no copy).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <string_view>
-#include <type_traits>
-
 #include "../swiglu.h"
+#include "float_rows.h"
 
 namespace lmk {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using namespace float_rows;
 constexpr int64_t kChunk = 1024;  // elements converted to fp32 at a time (4 KB per buffer)
-
-at::Tensor rows_view(const at::Tensor& t) {
-  at::Tensor v = t.reshape({-1, t.size(-1)});
-  return v.stride(1) == 1 ? v : v.contiguous();
-}
-
-template <typename T>
-void load_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) std::copy(src, src + n, dst);
-  else at::vec::convert(src, dst, n);
-}
-
-template <typename T>
-void store_float(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) std::copy(src, src + n, dst);
-  else at::vec::convert(src, dst, n);
-}
 
 inline Vec sigmoid(Vec g) { return Vec(1.f) / (Vec(1.f) + g.neg().exp()); }
 
-void check_backend(const char* op, std::string_view backend) {
-  TORCH_CHECK_VALUE(backend == "auto" || backend == "cpu", op,
-                    ": on CPU tensors backend must be 'auto' or 'cpu' (the Triton kernels run on "
-                    "CPU tensors only through their launchers under TRITON_INTERPRET=1); got '",
-                    backend, "'");
-}
-
-// Calls fn(row pointers..., column offset, count) over (rows, I) in chunks of kChunk columns.
+// Calls fn(row, column offset, count) over (rows, I) in chunks of kChunk columns.
 template <typename Fn>
 void for_each_chunk(int64_t rows, int64_t I, const Fn& fn) {
   const int64_t per_row = (I + kChunk - 1) / kChunk;
-  at::parallel_for(0, rows * per_row, std::max<int64_t>(1, 16384 / kChunk), [&](int64_t a, int64_t b) {
+  parallel_items(rows * per_row, kChunk, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t r = i / per_row, c0 = (i % per_row) * kChunk;
       fn(r, c0, std::min(kChunk, I - c0));
     }
   });
-}
-
-// fp32 view of n elements: the data itself for float, else converted into buf.
-template <typename T>
-const float* as_float(const T* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) return src;
-  load_float(src, buf, n);
-  return buf;
-}
-
-// Where to compute an output chunk: straight into dst for float, else into buf (then stored).
-template <typename T>
-float* out_float(T* dst, float* buf) {
-  if constexpr (std::is_same_v<T, float>) return dst;
-  return buf;
 }
 
 template <typename T>
@@ -129,33 +84,29 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& gate, const at::T
 
 at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view backend) {
   check_swiglu_args("swiglu_fwd", gate, up, nullptr);
-  check_backend("swiglu_fwd", backend);
+  check_cpu_backend("swiglu_fwd", backend);
   at::Tensor out = at::empty(gate.sizes(), gate.options());
   if (gate.numel() == 0) return out;
   at::Tensor g2 = rows_view(gate), u2 = rows_view(up), o2 = out.view({-1, gate.size(-1)});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_fwd",
-                                  [&] {
-                                    if constexpr (!std::is_same_v<scalar_t, double>)
-                                      forward_kernel<scalar_t>(g2, u2, o2);
-                                  });
+  dispatch_float_types(gate.scalar_type(), false, [&](auto t, auto) {
+    forward_kernel<typename decltype(t)::type>(g2, u2, o2);
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
                                                   const at::Tensor& up, c10::string_view backend) {
   check_swiglu_args("swiglu_bwd", gate, up, &grad_out);
-  check_backend("swiglu_bwd", backend);
+  check_cpu_backend("swiglu_bwd", backend);
   at::Tensor dgate = at::empty(gate.sizes(), gate.options());
   at::Tensor dup = at::empty(gate.sizes(), gate.options());
   if (gate.numel() == 0) return {dgate, dup};
   const int64_t I = gate.size(-1);
   at::Tensor d2 = rows_view(grad_out), g2 = rows_view(gate), u2 = rows_view(up);
   at::Tensor dg2 = dgate.view({-1, I}), du2 = dup.view({-1, I});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_bwd",
-                                  [&] {
-                                    if constexpr (!std::is_same_v<scalar_t, double>)
-                                      backward_kernel<scalar_t>(d2, g2, u2, dg2, du2);
-                                  });
+  dispatch_float_types(gate.scalar_type(), false, [&](auto t, auto) {
+    backward_kernel<typename decltype(t)::type>(d2, g2, u2, dg2, du2);
+  });
   return {dgate, dup};
 }
 

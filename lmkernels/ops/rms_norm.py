@@ -5,8 +5,10 @@ torch.ops.lmkernels.rms_norm_fwd / add_rms_norm_fwd / rms_norm_bwd   schemas and
     checks: csrc/rms_norm.cpp
     CPU tensors   the C++ kernel (csrc/cpu/rms_norm_cpu.cpp)
     CUDA tensors  the Triton launchers of lmkernels/triton/rms_norm.py (no CUDA C++ kernel)
-Autograd: the backward of both forwards is the rms_norm_bwd op; add_rms_norm's gradient reaches
-x and residual through both of its outputs. Math: lmkernels/reference/rms_norm.py.
+Autograd: registered in C++ (csrc/rms_norm.cpp, every device; the Python register_autograd path
+cost as much interpreter time as the kernels at the trainer's sizes). The backward of both
+forwards is the rms_norm_bwd op; add_rms_norm's gradient reaches x and residual through both of
+its outputs; rstd is not differentiable. Math: lmkernels/reference/rms_norm.py.
 """
 from typing import Optional, Tuple
 
@@ -111,38 +113,6 @@ def _rms_norm_bwd_cuda(grad_out, x, weight, rstd, grad_sum, *, backend="auto"):
 
 
 # ---------------------------------------------------------------- autograd
-def _rms_norm_setup_context(ctx, inputs, keyword_only_inputs, output):
-    x, weight, eps = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.backend = keyword_only_inputs.get("backend", "auto")
-
-
-def _rms_norm_backward(ctx, grad_out, grad_rstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.lmkernels.rms_norm_bwd(grad_out, x, weight, rstd, None, backend=ctx.backend)
-    return dx, dweight, None
-
-
-def _add_rms_norm_setup_context(ctx, inputs, keyword_only_inputs, output):
-    x, residual, weight, eps = inputs
-    ctx.save_for_backward(output[1], weight, output[2])  # the sum is what was normalized
-    ctx.backend = keyword_only_inputs.get("backend", "auto")
-
-
-def _add_rms_norm_backward(ctx, grad_out, grad_sum, grad_rstd):
-    s, weight, rstd = ctx.saved_tensors
-    # d(x + residual) = (normalization's gradient) + (gradient of the returned sum).
-    ds, dweight = torch.ops.lmkernels.rms_norm_bwd(grad_out, s, weight, rstd, grad_sum, backend=ctx.backend)
-    return ds, ds, dweight, None
-
-
-torch.library.register_autograd("lmkernels::rms_norm_fwd", _rms_norm_backward,
-                                setup_context=_rms_norm_setup_context)
-torch.library.register_autograd("lmkernels::add_rms_norm_fwd", _add_rms_norm_backward,
-                                setup_context=_add_rms_norm_setup_context)
-
-
-# ---------------------------------------------------------------- public functions
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
              backend: str = "auto") -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype), normalized in float32 (exactly HF

@@ -3,7 +3,9 @@
 torch.ops.lmkernels.rotary_embedding   schema and argument checks: csrc/rotary_embedding.cpp
     CPU tensors   the C++ kernel (csrc/cpu/rotary_embedding_cpu.cpp)
     CUDA tensors  the Triton launcher of lmkernels/triton/rotary_embedding.py (no CUDA C++ kernel)
-Autograd: the backward is the same op with `inverse` flipped (the rotation's transpose, i.e.
+Autograd: registered in C++ (csrc/rotary_embedding.cpp, every device; the Python
+register_autograd path cost as much interpreter time as the kernel at the trainer's sizes). The
+backward is the same op with `inverse` flipped (the rotation's transpose, i.e.
 the rotation by -theta). cos and sin get no gradient (they are position tables). Math:
 lmkernels/reference/rotary_embedding.py.
 """
@@ -57,22 +59,6 @@ TABLE = BackendTable("rotary_embedding", {"triton": _rotary_triton})
 @torch.library.impl("lmkernels::rotary_embedding", "CUDA")
 def _rotary_embedding_cuda(q, k, cos, sin, interleaved, inverse, *, backend="auto"):
     return TABLE.pick(backend)(q, k, cos, sin, interleaved, inverse)
-
-
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, cos, sin, interleaved, inverse = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.args = (interleaved, not inverse)
-    ctx.backend = keyword_only_inputs.get("backend", "auto")
-
-
-def _backward(ctx, grad_q, grad_k):
-    cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.lmkernels.rotary_embedding(grad_q, grad_k, cos, sin, *ctx.args, backend=ctx.backend)
-    return dq, dk, None, None, None, None
-
-
-torch.library.register_autograd("lmkernels::rotary_embedding", _backward, setup_context=_setup_context)
 
 
 def _as_batch_table(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@
 torch.ops.lmkernels.swiglu_fwd / swiglu_bwd   schemas and argument checks: csrc/swiglu.cpp
     CPU tensors   the C++ kernel (csrc/cpu/swiglu_cpu.cpp)
     CUDA tensors  the Triton launchers of lmkernels/triton/swiglu.py (no CUDA C++ kernel)
-Autograd: the backward is the swiglu_bwd op, which recomputes silu from gate (nothing but the
-inputs is saved). Math: lmkernels/reference/swiglu.py.
+Autograd: registered in C++ (csrc/swiglu.cpp, for every device; the Python register_autograd
+path cost more interpreter time than the kernels at the trainer's sizes). The backward is the
+swiglu_bwd op, which recomputes silu from gate (nothing but the inputs is saved).
+Math: lmkernels/reference/swiglu.py.
 """
 import torch
 
@@ -62,19 +64,6 @@ def _swiglu_fwd_cuda(gate, up, *, backend="auto"):
 @torch.library.impl("lmkernels::swiglu_bwd", "CUDA")
 def _swiglu_bwd_cuda(grad_out, gate, up, *, backend="auto"):
     return BWD_TABLE.pick(backend)(grad_out, gate, up)
-
-
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ctx.save_for_backward(*inputs)  # gate, up: silu is recomputed, never saved
-    ctx.backend = keyword_only_inputs.get("backend", "auto")
-
-
-def _backward(ctx, grad_out):
-    gate, up = ctx.saved_tensors
-    return torch.ops.lmkernels.swiglu_bwd(grad_out, gate, up, backend=ctx.backend)
-
-
-torch.library.register_autograd("lmkernels::swiglu_fwd", _backward, setup_context=_setup_context)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
