@@ -104,32 +104,38 @@ def _configs(per_class):
 # H100, bf16, D = 128: the forward's 128 x 64 tiles with 8 warps are the largest that compile
 # without spills with plain pointer loads (128 x 128 needs 255 registers and spills: the
 # tutorial's spill-free 128 x 128 uses TMA descriptors). D <= 64: 128x64 w8 spills 48 B on
-# sm_100; 128x64 w4 s3 (226/248 regs) and 128x32 w8 s3 (120/150) do not. The backward splits
-# into narrow-M dK/dV and narrow-N dQ programs. Two configs per class keep first-call compile +
-# tuning short. fp32 (tf32x3: three MMAs per product, operands split in registers) takes
-# 64-wide tiles.
+# sm_100; 128x64 w4 s3 (248/226 regs) and 128x32 w8 s3 (150/117) do not. D = 72 (padded):
+# 128x32 w8 s2 spills 40 B on sm_100, 64x32 w4 s2 48/432 B; 128x32 w8 s1 is spill-free (254/228).
+# D = 256: only the config that spills least (64x64 w4 s2 spilled 1136/192 B against 344/88 B,
+# and took 26-67 s to compile: it cannot win, and the CI gate has a time budget). The backward
+# splits into narrow-M dK/dV and narrow-N dQ programs. Two configs per class keep first-call
+# compile + tuning short. fp32 (tf32x3: three MMAs per product, operands split in registers)
+# takes 64-wide tiles.
 _FWD_CONFIGS = _configs({
     LOW_D64: [(128, 64, 4, 3), (128, 32, 8, 3)],
     LOW_D128: [(128, 64, 8, 3), (128, 64, 8, 2)],
-    LOW_PADDED_D: [(128, 32, 8, 2)],
-    LOW_D256: [(64, 64, 4, 2), (64, 32, 4, 2)],
+    LOW_PADDED_D: [(128, 32, 8, 1)],
+    LOW_D256: [(64, 32, 4, 2)],
     FP32_D128: [(64, 32, 4, 2)],
     FP32_D256: [(32, 32, 4, 1)],
     LOW_D64 + CAPPED: [(128, 32, 8, 3)],
     LOW_D128 + CAPPED: [(128, 32, 8, 3)],
-    LOW_PADDED_D + CAPPED: [(128, 32, 8, 2)],
+    LOW_PADDED_D + CAPPED: [(128, 32, 8, 1)],
     LOW_D256 + CAPPED: [(64, 32, 4, 2)],
     FP32_D128 + CAPPED: [(64, 32, 4, 2)],
     FP32_D256 + CAPPED: [(32, 32, 4, 1)],
 })
 # sm_90 compile gate, bf16 D = 128 dK/dV (BLOCK_M streamed x BLOCK_N held): 64x64 w8 s2 spills
-# 152 B, 32x64 w8 40 B, 32x32 w4 8 B; holding 32 K/V rows with 8 warps is spill-free (64x32
-# 250 regs, 32x32 223). D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already
-# fill the registers. The backward pads D to BLOCK_D (no padded class).
+# 152 B, 32x64 w8 40 B, 32x32 w4 8 B; holding 32 K/V rows with 8 warps is spill-free. With the
+# unmasked (padded-D) 16-byte loads 64x32 w8 s2 spills 32/16 B (sm_90/sm_100); s1 does not
+# (214/215 regs). D = 256 backward: dK, dV (or dQ) accumulators of 32 x 256 fp32 already fill
+# the registers (16x32 w4 dK/dV spilled 192/224 B against 0 for 32x32 w8: dropped). The
+# backward pads D to BLOCK_D (no padded class). Softcap keeps one more (BLOCK_N, BLOCK_M) tile
+# (tanh) live: dQ at D = 128 takes 128x16 (159/110 regs; 128x32 spilled 8 B on sm_100).
 _DKDV_CONFIGS = _configs({
     LOW_D64: [(64, 32, 8, 2), (32, 32, 8, 2)],
-    LOW_D128: [(64, 32, 8, 2), (32, 32, 8, 2)],
-    LOW_D256: [(32, 32, 8, 1), (16, 32, 4, 1)],
+    LOW_D128: [(64, 32, 8, 1), (32, 32, 8, 2)],
+    LOW_D256: [(32, 32, 8, 1)],
     FP32_D128: [(32, 64, 4, 1)],
     FP32_D256: [(16, 32, 4, 1)],
     LOW_D64 + CAPPED: [(32, 32, 8, 2)],
@@ -145,7 +151,7 @@ _DQ_CONFIGS = _configs({
     FP32_D128: [(64, 32, 4, 1)],
     FP32_D256: [(32, 16, 4, 1)],
     LOW_D64 + CAPPED: [(128, 32, 8, 3)],
-    LOW_D128 + CAPPED: [(128, 32, 8, 3)],
+    LOW_D128 + CAPPED: [(128, 16, 8, 3)],
     LOW_D256 + CAPPED: [(32, 32, 8, 1)],
     FP32_D128 + CAPPED: [(64, 32, 4, 1)],
     FP32_D256 + CAPPED: [(32, 16, 4, 1)],
@@ -198,23 +204,25 @@ def _prune(configs, named_args, **kwargs):
 # (with D, GROUP, dtypes). SOFTCAP must be in it: softcap launches have their own configs.
 _AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "D", "GROUP", "MASK_KIND", "SOFTCAP", "VARLEN"]
 # Sizes that vary from call to call are never specialized (no recompiles); strides are, for
-# their 16-byte alignment, which vectorizes the loads. The LSE strides are sizes (H * T, T).
+# their 16-byte alignment, which vectorizes the loads. The LSE strides are sizes (H * T, T);
+# VARLEN is a 0/1 flag (a 1 would otherwise be specialized).
 _NO_SPECIALIZE = ["H", "T", "S", "D", "GROUP", "LEFT", "RIGHT", "T_BUCKET", "S_BUCKET", "MASK_KIND",
-                  "stride_lb", "stride_lh"]
+                  "VARLEN", "stride_lb", "stride_lh"]
 
 
 @triton.jit
-def _sequence(CU_Q, CU_K, b, T, S, VARLEN: tl.constexpr):
+def _sequence(CU_Q, CU_K, b, T, S, VARLEN):
     """(first query row, T, first key row, S) of batch entry b. Dense: each batch entry is its
-    own (T, S) slice, starting at row 0; varlen: read from cu_seqlens."""
+    own (T, S) slice, starting at row 0; varlen: read from cu_seqlens. VARLEN is a runtime
+    flag, not a constexpr: a uniform branch costs a few scalar instructions, and the dense and
+    varlen launches then share one compiled kernel (half the compile gate)."""
+    q_start = 0
+    k_start = 0
     if VARLEN:
         q_start = tl.load(CU_Q + b)
         T = tl.load(CU_Q + b + 1) - q_start
         k_start = tl.load(CU_K + b)
         S = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
     return q_start, T, k_start, S
 
 
@@ -318,10 +326,10 @@ def attention_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
-    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, qk_scale, softcap_in, softcap_out,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, VARLEN, qk_scale, softcap_in, softcap_out,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr = False,
-    SOFTCAP: tl.constexpr = False, VARLEN: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
+    SOFTCAP: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -330,9 +338,8 @@ def attention_fwd_kernel(
     hkv = h // GROUP
     q_start, T, k_start, S = _sequence(CU_Q, CU_K, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
-    if VARLEN:
-        if m0 >= T:  # the grid covers max_seqlen_q; this sequence is shorter
-            return
+    if m0 >= T:  # varlen: the grid covers max_seqlen_q; this sequence is shorter
+        return
     rows = tl.arange(0, BLOCK_M)
     offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -462,10 +469,11 @@ def attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, stride_lb, stride_lh,
-    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, scale, qk_scale, softcap_in, softcap_out,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, VARLEN, scale, qk_scale, softcap_in,
+    softcap_out,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr = False, VARLEN: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
+    SOFTCAP: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
 ):
     """One program: dK, dV of keys [n0, n0 + BLOCK_N) of one kv head, summed over its GROUP
     query heads and every query block that sees them."""
@@ -476,9 +484,8 @@ def attention_bwd_dkdv_kernel(
     hkv = bhkv % Hkv
     q_start, T, k_start, S = _sequence(CU_Q, CU_K, b, T, S, VARLEN)
     n0 = pid_n * BLOCK_N
-    if VARLEN:
-        if n0 >= S:
-            return
+    if n0 >= S:
+        return
     cols = tl.arange(0, BLOCK_N)
     offs_n = n0 + cols
     offs_d = tl.arange(0, BLOCK_D)
@@ -550,10 +557,11 @@ def attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dqb, stride_dqh, stride_dqt, stride_lb, stride_lh,
-    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, scale, qk_scale, softcap_in, softcap_out,
+    H, T, S, D, GROUP, LEFT, RIGHT, T_BUCKET, S_BUCKET, MASK_KIND, VARLEN, scale, qk_scale, softcap_in,
+    softcap_out,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    SOFTCAP: tl.constexpr = False, VARLEN: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
+    SOFTCAP: tl.constexpr = False, TILE_CLASS: tl.constexpr = 0,
 ):
     """One program: dQ of query rows [m0, m0 + BLOCK_M) of one head."""
     bh = tl.program_id(0)
@@ -563,9 +571,8 @@ def attention_bwd_dq_kernel(
     hkv = h // GROUP
     q_start, T, k_start, S = _sequence(CU_Q, CU_K, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
-    if VARLEN:
-        if m0 >= T:
-            return
+    if m0 >= T:
+        return
     rows = tl.arange(0, BLOCK_M)
     offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -661,6 +668,19 @@ def _varlen_strides(t):
     return 0, t.stride(1), t.stride(0)
 
 
+_NO_CU_SEQLENS: dict = {}
+
+
+def _no_cu_seqlens(like):
+    """The cu_seqlens argument of a dense launch: never read (VARLEN = 0), but an int32 pointer,
+    so dense and varlen launches bind the same kernel signature."""
+    if isinstance(like, ArgTensor):
+        return ArgTensor(torch.int32, shape=(1,))
+    if like.device not in _NO_CU_SEQLENS:
+        _NO_CU_SEQLENS[like.device] = torch.zeros(1, dtype=torch.int32, device=like.device)
+    return _NO_CU_SEQLENS[like.device]
+
+
 def _fwd_launch(q, k, v, out, lse, scale, is_causal, window_left, window_right, softcap=0.0,
                 cu_seqlens=None, max_seqlens=None) -> Launch:
     """Dense (B, H, T, D) tensors, or varlen (total, H, D) ones with cu_seqlens = (cu_q, cu_k)
@@ -676,13 +696,13 @@ def _fwd_launch(q, k, v, out, lse, scale, is_causal, window_left, window_right, 
         H, T, Hkv, S = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
         layout = _strides
         lse_strides = (lse.stride(0), lse.stride(1))  # (B, H, T)
-    cu_q, cu_k = cu_seqlens if varlen else (None, None)
+    cu_q, cu_k = cu_seqlens if varlen else (_no_cu_seqlens(q),) * 2
     return Launch(_fwd_tuned, (
         q, k, v, out, lse, cu_q, cu_k, *layout(q), *layout(k), *layout(v), *layout(out), *lse_strides,
-        H, T, S, D, H // Hkv, *_mask_args(T, S, is_causal, window_left, window_right),
+        H, T, S, D, H // Hkv, *_mask_args(T, S, is_causal, window_left, window_right), int(varlen),
         *_score_args(scale, softcap),
     ), dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=_block_d(D), UPCAST=triton_interpreted(),
-            DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D, SOFTCAP=softcap > 0, VARLEN=varlen))
+            DOT_PREC=_dot_precision(q.dtype), EVEN_D=_block_d(D) == D, SOFTCAP=softcap > 0))
 
 
 def _preprocess_launch(o, g, grad_lse, lse, delta) -> Launch:
@@ -710,11 +730,11 @@ def _bwd_launches(q, k, v, g, lse, delta, dq, dk, dv, scale, is_causal, window_l
         H, T, Hkv, S = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
         layout = _strides
         lse_strides = (lse.stride(0), lse.stride(1))
-    cu_q, cu_k = cu_seqlens if varlen else (None, None)
+    cu_q, cu_k = cu_seqlens if varlen else (_no_cu_seqlens(q),) * 2
     common = dict(OUT_DTYPE=tl_dtype(q.dtype), BLOCK_D=D, UPCAST=triton_interpreted(),
-                  DOT_PREC=_dot_precision(q.dtype), SOFTCAP=softcap > 0, VARLEN=varlen)
+                  DOT_PREC=_dot_precision(q.dtype), SOFTCAP=softcap > 0)
     sizes = (*lse_strides, H, T, S, D, H // Hkv, *_mask_args(T, S, is_causal, window_left, window_right),
-             scale, *_score_args(scale, softcap))
+             int(varlen), scale, *_score_args(scale, softcap))
     dkdv = Launch(_dkdv_tuned, (q, k, v, g, lse, delta, dk, dv, cu_q, cu_k, *layout(q), *layout(k),
                                 *layout(v), *layout(g), *layout(dk), *layout(dv), *sizes), common)
     dq_launch = Launch(_dq_tuned, (q, k, v, g, lse, delta, dq, cu_q, cu_k, *layout(q), *layout(k),

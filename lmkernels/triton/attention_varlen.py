@@ -5,8 +5,9 @@ FA2's layout: query (total_q, H, D), key/value (total_k, Hkv, D), cu_seqlens_q/k
 exactly as lmkernels.attention on it: causal and windows are bottom-right aligned per sequence,
 zero-length sequences are allowed (their programs exit at once; a sequence with queries but no
 keys gives out 0, lse -inf, dq 0).
-The kernels are attention.py's with VARLEN=True (one kernel, one set of helpers): a program
-reads its sequence's start and lengths from cu_seqlens; the grid covers max_seqlen (axis 1) and
+The kernels are attention.py's, launched with VARLEN = 1 (a runtime flag: dense and varlen
+launches share one compiled kernel, so the compile gate's varlen rows mostly hit the dense
+rows' cache): a program reads its sequence's start and lengths from cu_seqlens; the grid covers max_seqlen (axis 1) and
 B*H (axis 0), and programs past their sequence's end return. The backward is the dense one's
 (deterministic: dK/dV programs own key blocks, dQ programs own query blocks, no atomics), so
 deterministic=False runs it too; FA2's atomic-dQ variant is not implemented.
@@ -76,7 +77,7 @@ def attention_varlen_bwd(grad_out, query, key, value, out, lse, grad_lse, cu_seq
 
 
 def compile_specs():
-    """The varlen forward, dK/dV and dQ (VARLEN=True) for each dtype and head-dim class, without
+    """The varlen forward, dK/dV and dQ launches for each dtype and head-dim class, without
     and with softcap, every usable config: the launch made for 8 sequences packed into
     total_q = total_k = 4000 rows, max_seqlen 1000, H = 4, Hkv = 2, causal. The preprocess is
     the dense kernel (attention.py's specs). bf16/fp16 with D <= 128 must not spill."""
