@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmkernels.triton import attention as tri_attention
-from tests.test_triton_attention_softcap import DEVICE, compare, pytestmark, softcap_reference  # noqa: F401
+from tests.test_triton_attention_softcap import DEVICE, compare, head_dim, pytestmark, softcap_reference  # noqa: F401
 
 
 def cu_seqlens(lengths):
@@ -38,6 +38,7 @@ def varlen_reference(q, k, v, lens_q, lens_k, *, is_causal, window, scale, softc
 
 def run_varlen(lens_q, lens_k, H, Hkv, D, dtype, is_causal, window, softcap, use_lse=False):
     total_q, total_k = sum(lens_q), sum(lens_k)
+    D = head_dim(D)
     q = torch.randn(total_q, H, D, device=DEVICE).to(dtype)
     k = torch.randn(total_k, Hkv, D, device=DEVICE).to(dtype)
     v = torch.randn(total_k, Hkv, D, device=DEVICE).to(dtype)
@@ -81,7 +82,7 @@ def test_varlen_lse_gradient():
 
 def test_varlen_equals_dense_on_one_sequence():
     # One sequence: the varlen launch and the dense launch compute the same thing.
-    q, k, v = (torch.randn(n, 2, 16, device=DEVICE) for n in (45, 60, 60))
+    q, k, v = (torch.randn(n, 2, head_dim(16), device=DEVICE) for n in (45, 60, 60))
     seq = (cu_seqlens([45]), cu_seqlens([60]), 45, 60)
     out, lse = tri_attention.attention_varlen_fwd(q, k, v, *seq, 0.25, True, -1, -1)
     dense_out, dense_lse = tri_attention.attention_fwd(*(t.transpose(0, 1)[None] for t in (q, k, v)),
@@ -91,7 +92,7 @@ def test_varlen_equals_dense_on_one_sequence():
 
 
 def test_varlen_empty_batch_and_all_empty_sequences():
-    H, D = 2, 16
+    H, D = 2, head_dim(16)
     for lens_q, lens_k in (([0, 0], [0, 0]), ([0, 3], [4, 0])):
         q = torch.randn(sum(lens_q), H, D, device=DEVICE)
         k, v = (torch.randn(sum(lens_k), H, D, device=DEVICE) for _ in range(2))
