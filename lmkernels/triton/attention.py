@@ -2,7 +2,7 @@
 varlen (packed sequences), with optional softcap.
 
 Dense shapes: Q, O, dO (B, H, T, D); K, V, dK, dV (B, Hkv, S, D); LSE, delta (B, H, T) fp32.
-Varlen shapes (VARLEN=True, FA2's layout): Q, O, dO (total_q, H, D); K, V (total_k, Hkv, D);
+Varlen shapes (VARLEN = 1, FA2's layout): Q, O, dO (total_q, H, D); K, V (total_k, Hkv, D);
 LSE, delta (H, total_q); sequence b is rows [cu_q[b], cu_q[b+1]) of Q and [cu_k[b], cu_k[b+1])
 of K, V. One kernel serves both: a program finds its sequence's first row and lengths
 (`_sequence`) and from there works on positions inside that sequence, so every mask, range and
@@ -40,8 +40,9 @@ GPU details:
   BLOCK_M x BLOCK_D fp32 tile live, which keeps the 128 x 64 bf16 forward spill-free.
 - fp32 inputs use "tf32x3" dots (three TF32 tensor-core products: fp32-level error, not the
   FMA loops, spills and minutes of compile of "ieee") with their own small tiles.
-- Softcap is a constexpr (SOFTCAP): without it the kernels compile exactly as before; with it
-  tanh is libdevice's on GPU (the interpreter has no libdevice: an expm1-based tanh there).
+- Softcap is a constexpr (SOFTCAP): without it no softcap instruction is compiled (softcap = 0
+  costs the main path nothing); with it tanh is libdevice's on GPU (the interpreter has no
+  libdevice: an expm1-based tanh there). VARLEN is a runtime flag instead (see _sequence).
 - Autotune: one config list per tile class (`_tile_class`); configs that need more shared
   memory than the device gives one block are pruned before launch (`_usable_configs`, also what
   the compile gate compiles). Softcap launches have their own classes with one config each (the
@@ -120,7 +121,7 @@ _FWD_CONFIGS = _configs({
     FP32_D256: [(32, 32, 4, 1)],
     LOW_D64 + CAPPED: [(128, 32, 8, 3)],
     LOW_D128 + CAPPED: [(128, 32, 8, 3)],
-    LOW_PADDED_D + CAPPED: [(128, 32, 8, 1)],
+    LOW_PADDED_D + CAPPED: [(64, 32, 8, 1)],  # 128x32 w8 s1 spills 32 B on sm_90; this: 242/232 regs
     LOW_D256 + CAPPED: [(64, 32, 4, 2)],
     FP32_D128 + CAPPED: [(64, 32, 4, 2)],
     FP32_D256 + CAPPED: [(32, 32, 4, 1)],
