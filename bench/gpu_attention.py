@@ -1,11 +1,18 @@
 """GPU benchmark of lmkernels.attention (Triton FlashAttention-2) against SDPA's flash and
-cuDNN backends: TFLOP/s for forward, backward and forward+backward, bf16.
+cuDNN backends: TFLOP/s for forward, backward and forward+backward, bf16; then varlen and
+softcap against lmkernels.attention at the same total tokens.
 
-    python3 bench/gpu_attention.py          # prints one markdown section (~90 s on an H100)
+    python3 bench/gpu_attention.py          # prints two markdown sections (~2 min on an H100)
 
 FLOPs (as FlashAttention counts them): forward 4*B*H*T*T*D, halved when causal; backward
-2.5x the forward. Shapes: B*T = 16k tokens, H*D = 2048 (a 2048-wide model), T in {1k, 4k,
-16k}, D in {64, 128}. Times are triton.testing.do_bench medians.
+2.5x the forward; varlen sums 4*H*T_b*S_b*D over the sequences (causal: halved). Shapes:
+B*T = 16k tokens, H*D = 2048 (a 2048-wide model), T in {1k, 4k, 16k}, D in {64, 128}. Times
+are triton.testing.do_bench medians.
+
+Varlen/softcap section (issue 12's target: varlen >= 0.9x lmkernels.attention), D = 128, causal,
+16k tokens: (a) 16 sequences of 1024 packed, against dense B = 16, T = 1024 (same FLOPs);
+(b) heavy-tailed lengths (Pareto, 16k tokens, seeded), TFLOP/s only (no dense equivalent);
+(c) dense softcap = 30 against softcap = 0. The varlen section runs first: it is the new code.
 """
 import math
 
@@ -59,7 +66,89 @@ def measure(fn, T, D, causal):
     return tf(flops_fwd, t_fwd), tf(2.5 * flops_fwd, t_bwd), tf(3.5 * flops_fwd, t_all)
 
 
+def _time3(fwd, args, g):
+    """(fwd ms, bwd ms, fwd+bwd ms) of fwd(*args) -> out, gradient g."""
+    out = fwd(*args)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    t_fwd = triton.testing.do_bench(lambda: fwd(*args), warmup=5, rep=20)
+    t_bwd = triton.testing.do_bench(lambda: out.backward(g, retain_graph=True), warmup=5, rep=20,
+                                    grad_to_none=leaves)
+    t_all = triton.testing.do_bench(lambda: fwd(*args).backward(g), warmup=5, rep=20, grad_to_none=leaves)
+    return t_fwd, t_bwd, t_all
+
+
+def _varlen_inputs(lengths, H, D):
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(sum(lengths), H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, cu
+
+
+def heavy_tailed_lengths(total, seed=0, alpha=1.2, smallest=32, largest=8192):
+    """Document lengths drawn from a Pareto distribution (many short, few long), summing to total."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        u = torch.rand((), generator=gen).item()
+        lengths.append(int(min(largest, smallest / (1 - u) ** (1 / alpha))))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def varlen_and_softcap():
+    """Rows: (case, pass, TFLOP/s, reference TFLOP/s, ratio)."""
+    D, H, causal = 128, WIDTH // 128, True
+    rows = []
+    tf = lambda flops, ms: flops / ms * 1e-9  # noqa: E731
+
+    def varlen_fn(lengths):
+        q, k, v, cu = _varlen_inputs(lengths, H, D)
+        m = max(lengths)
+        fn = lambda q, k, v: lmkernels.attention_varlen(q, k, v, cu, cu, m, m, is_causal=causal)  # noqa: E731
+        flops = sum(4 * H * n * n * D * (0.5 if causal else 1.0) for n in lengths)
+        return _time3(fn, (q, k, v), torch.randn_like(q)), flops
+
+    def dense_fn(B, T, softcap=0.0):
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        fn = lambda q, k, v: lmkernels.attention(q, k, v, is_causal=causal, softcap=softcap)  # noqa: E731
+        return _time3(fn, (q, k, v), torch.randn_like(q)), 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+
+    passes = ("fwd", "bwd", "fwd+bwd")
+    factor = (1.0, 2.5, 3.5)
+    dense_t, dense_flops = dense_fn(TOKENS // 1024, 1024)
+    packed_t, packed_flops = varlen_fn([1024] * (TOKENS // 1024))
+    for i, name in enumerate(passes):
+        ours, ref = tf(factor[i] * packed_flops, packed_t[i]), tf(factor[i] * dense_flops, dense_t[i])
+        rows.append(("varlen 16 x 1024 vs dense B=16 T=1024", name, ours, ref, ours / ref))
+    mixed = heavy_tailed_lengths(TOKENS)
+    mixed_t, mixed_flops = varlen_fn(mixed)
+    for i, name in enumerate(passes):
+        rows.append((f"varlen {len(mixed)} heavy-tailed docs (max {max(mixed)})", name,
+                     tf(factor[i] * mixed_flops, mixed_t[i]), None, None))
+    cap_t, cap_flops = dense_fn(TOKENS // 4096, 4096, softcap=30.0)
+    plain_t, _ = dense_fn(TOKENS // 4096, 4096)
+    for i, name in enumerate(passes):
+        ours, ref = tf(factor[i] * cap_flops, cap_t[i]), tf(factor[i] * cap_flops, plain_t[i])
+        rows.append(("dense softcap=30 vs softcap=0, B=4 T=4096", name, ours, ref, ours / ref))
+    return rows
+
+
 def main():
+    print(f"## attention varlen and softcap (Triton), bf16, D=128, causal, {torch.cuda.get_device_name()}\n")
+    print("| case | pass | TFLOP/s | reference TFLOP/s | ratio |")
+    print("|---|---|---|---|---|")
+    try:
+        for case, pass_name, ours, ref, ratio in varlen_and_softcap():
+            ref_cell = "-" if ref is None else f"{ref:.0f}"
+            ratio_cell = "-" if ratio is None else f"{ratio:.2f}x"
+            print(f"| {case} | {pass_name} | {ours:.0f} | {ref_cell} | {ratio_cell} |", flush=True)
+    except (AttributeError, TypeError, RuntimeError) as e:  # an op missing or failing: say so, go on
+        print(f"| varlen/softcap | FAILED | {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+        failed = True
+    else:
+        failed = False
+    print()
     peak = peak_tflops()
     impls = providers()
     print(f"## attention (Triton FlashAttention-2), bf16, {torch.cuda.get_device_name()}\n")
@@ -78,7 +167,8 @@ def main():
                     ratio = f"{ours / res['flash'][i]:.2f}x" if res["flash"] else "-"
                     print(f"| {T} | {D} | {causal} | {pass_name} | {cell('ours')} | {pct} | "
                           f"{cell('flash')} | {cell('cudnn')} | {ratio} |", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -106,3 +106,17 @@ def test_every_spec_binds_and_adamw_does_not_specialize_on_seed(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert int(proc.stdout.split()[-1]) > 100
+
+
+def test_attention_d64_forward_does_not_spill_on_sm100(tmp_path):
+    # Issue 8: the D = 128 forward tile (128x64, 8 warps) spilled 48 B at D = 64 on sm_100; D <= 64
+    # has its own tile class. Every config a D = 64 bf16 forward can run (softcap's too) compiles
+    # for sm_100 without spills. (CI's gate step fills the cache first: seconds there.)
+    out = tmp_path / "gate.json"
+    proc = subprocess.run([sys.executable, "-m", "lmkernels.gpu_compile_check", "--arch", "sm_100",
+                           "--module", "lmkernels.triton.attention", "--only", "attention_fwd bf16 D=64",
+                           "--jobs", "1", "--json", str(out)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 3 and all(r["spill_bytes"] == 0 and r["ok"] for r in rows)

@@ -132,29 +132,62 @@ def test_attention_rows_without_keys_stay_zero():
 
 
 def test_attention_autotune_key_buckets_lengths():
-    # The autotuner keys on T_BUCKET, S_BUCKET, D, GROUP, MASK_KIND: lengths in one power-of-two
-    # bucket share a tuned config; LEFT/RIGHT (which carry T + S) are not in the key.
-    def key(T, S, causal=True):
+    # The autotuner keys on T_BUCKET, S_BUCKET, D, GROUP, MASK_KIND, SOFTCAP, VARLEN: lengths in
+    # one power-of-two bucket share a tuned config; LEFT/RIGHT (which carry T + S) are not in the
+    # key; softcap launches (own tile classes) never reuse a config tuned without it.
+    def key(T, S, causal=True, softcap=0.0):
         q, k, v = _qkv(T=T, S=S)
         launch = tri_attention._fwd_launch(q, k, v, torch.empty_like(q), torch.empty(1, 2, T), 0.25,
-                                           causal, -1, -1)
-        args = launch.named_args()
+                                           causal, -1, -1, softcap)
+        args = {**launch.named_args(), **launch.kwargs}
         return tuple(args[name] for name in tri_attention._AUTOTUNE_KEY)
 
     assert key(1000, 1000) == key(1001, 600) == key(513, 1024)
     assert key(1000, 1000) != key(1025, 1000)
     assert key(1000, 1000) != key(1000, 1000, causal=False)
+    assert key(1000, 1000) != key(1000, 1000, softcap=30.0)
     assert set(tri_attention._AUTOTUNE_KEY) <= set(tri_attention.attention_fwd_kernel.arg_names)
     assert {"T", "S", "LEFT", "RIGHT"}.isdisjoint(tri_attention._AUTOTUNE_KEY)
     assert math.isfinite(tri_attention._bucket(1))
 
 
-def test_attention_padded_head_dim_has_own_tile_class():
-    """bf16/fp16 head dims that pad BLOCK_D (72 -> 128) keep more registers live than D = 64 or
-    128 and spill with the power-of-two class's tiles on sm_90: they must get their own configs."""
+def test_attention_tile_classes():
+    """bf16/fp16 forwards at head dims that pad BLOCK_D (72 -> 128) keep more registers live than
+    D = 64 or 128 and spill with the power-of-two class's tiles on sm_90; D <= 64 spills with
+    D = 128's forward tile on sm_100; softcap launches have classes of their own."""
     from lmkernels.triton import attention as att
     for dtype in (torch.bfloat16, torch.float16):
         assert att._tile_class(dtype, 72) == att.LOW_PADDED_D
-        assert att._tile_class(dtype, 64) == att._tile_class(dtype, 128) == att.LOW_SMALL_D
-        assert att._tile_class(dtype, 256) == att.LOW_BIG_D
-    assert att._tile_class(torch.float32, 72) == att.FP32_SMALL_D
+        assert att._tile_class(dtype, 64) == att._tile_class(dtype, 32) == att.LOW_D64
+        assert att._tile_class(dtype, 128) == att.LOW_D128
+        assert att._tile_class(dtype, 256) == att.LOW_D256
+        assert att._tile_class(dtype, 128, softcap=True) == att.LOW_D128 + att.CAPPED
+    assert att._tile_class(torch.float32, 72) == att.FP32_D128
+
+
+def test_attention_backward_pads_head_dim_to_block_d():
+    """The backward kernels take D == BLOCK_D: a padded head dim (72) is zero-padded on the host,
+    so the dK/dV kernel never runs the masked padded-D loads that spilled on sm_90. Gradients
+    still match the reference at the true head dim."""
+    q, k, v = _qkv(T=33, S=40, D=72)
+    g = torch.randn_like(q)
+    out, lse = tri_attention.attention_fwd(q, k, v, 72 ** -0.5, True, -1, -1)
+    launches = []
+    real = tri_attention._bwd_launches
+    def spy(*args, **kw):
+        launches.append(real(*args, **kw))
+        return launches[-1]
+    tri_attention._bwd_launches = spy
+    try:
+        dq, dk, dv = tri_attention.attention_bwd(g, q, k, v, out, lse, None, 72 ** -0.5, True, -1, -1)
+    finally:
+        tri_attention._bwd_launches = real
+    for launch in launches[0]:
+        args = {**launch.named_args(), **launch.kwargs}
+        assert args["D"] == args["BLOCK_D"] == 128
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q64, k64, v64, is_causal=True)
+    truth = torch.autograd.grad((ref * g.double()).sum(), (q64, k64, v64))
+    for ours, t in zip((dq, dk, dv), truth):
+        torch.testing.assert_close(ours.double(), t, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ import torch
 KERNEL_MODULES = (
     "lmkernels.triton.adamw",
     "lmkernels.triton.attention",
+    "lmkernels.triton.attention_varlen",
     "lmkernels.triton.rms_norm",
     "lmkernels.triton.rotary_embedding",
     "lmkernels.triton.swiglu",
