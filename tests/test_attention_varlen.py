@@ -277,6 +277,14 @@ def test_argument_errors(kw, args, error, message):
         lmkernels.attention_varlen(*call.values(), **kw)
 
 
+def test_op_checks_max_seqlen_sign():
+    q, k, v, cu_q, cu_k = _good()
+    with pytest.raises(ValueError, match=re.escape("attention_varlen_fwd: max_seqlen_k must be >= 0; got -1")):
+        torch.ops.lmkernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, 5, -1, 0.25, False, -1, -1, 0.0)
+    with pytest.raises(ValueError, match=re.escape("attention_varlen_fwd: softcap must be a finite number >= 0")):
+        torch.ops.lmkernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, 5, 4, 0.25, False, -1, -1, -1.0)
+
+
 def test_backend_errors_on_cpu():
     q, k, v, cu_q, cu_k = _good()
     with pytest.raises(ValueError, match=re.escape("call lmkernels.triton.attention.attention_varlen_fwd directly")):
