@@ -23,7 +23,7 @@
 // and dQ of its query heads: no atomics, deterministic. GEMMs go to the BLAS torch links
 // (blas.h). bf16/fp16 are converted to fp32 tiles (no bf16 arithmetic here).
 //
-// Scheduling: tasks are listed longest first and threads take the next one from a shared
+// Scheduling: sequences are listed longest first and threads take the next task from a shared
 // counter, so one long document (varlen) or the long causal blocks do not leave a thread idle.
 //
 // Non-finite input (NaN/inf in Q, K, V or scale) gives non-finite output, as SDPA does: a NaN
@@ -219,31 +219,37 @@ void fwd_kernel(const AttnProblem& p, const scalar_t* Q, const scalar_t* K, cons
   const int64_t BQ = blk.fwd_q, BK = blk.fwd_k;
   const float scale = p.scale, cap = p.softcap;
 
-  // Tasks: (sequence, head, query block); cost = rows x keys the block reaches.
+  // Tasks: (sequence, head, query block). Sequences go longest first (cost: rows x keys their
+  // blocks reach); within one, head by head so that consecutive tasks reuse the head's K/V
+  // from cache (tasks sorted across heads measured 1.00-1.03x SDPA against 1.18-1.21x in
+  // bench_attention.py, T=1024 causal fp32 forward, Xeon with AVX-512), and the last block
+  // first: under a causal mask it reaches the most keys, so the small blocks fill the end.
   struct Task {
     int64_t seq, h, i0;
   };
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost;
-  for (int64_t s = 0; s < static_cast<int64_t>(p.seqs.size()); ++s) {
+  const int64_t n_seqs = static_cast<int64_t>(p.seqs.size());
+  std::vector<int64_t> seq_cost(n_seqs, 0);
+  for (int64_t s = 0; s < n_seqs; ++s) {
     const AttnSeq& sq = p.seqs[s];
     const AttnMask mask = mask_of(p, sq);
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t i0 = 0; i0 < sq.T; i0 += BQ) {
-        const int64_t rows = std::min(BQ, sq.T - i0);
-        tasks.push_back({s, h, i0});
-        cost.push_back(rows * (std::max<int64_t>(mask.hi(i0 + rows - 1) - mask.lo(i0), 0) + D));
-      }
+    for (int64_t i0 = 0; i0 < sq.T; i0 += BQ) {
+      const int64_t rows = std::min(BQ, sq.T - i0);
+      seq_cost[s] += rows * (std::max<int64_t>(mask.hi(i0 + rows - 1) - mask.lo(i0), 0) + D);
     }
   }
-  const std::vector<int64_t> order = longest_first(cost);
+  std::vector<Task> tasks;
+  for (const int64_t s : longest_first(seq_cost)) {
+    const int64_t T = p.seqs[s].T;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i0 = (T - 1) / BQ * BQ; i0 >= 0 && T > 0; i0 -= BQ) tasks.push_back({s, h, i0});
+  }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 
   parallel_tasks(n_tasks, [&](auto take) {
     std::vector<float> s_buf(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ), q_buf(BQ * D),
         k_buf(BK * D), v_buf(BK * D);
     for (int64_t t; (t = take()) < n_tasks;) {
-      const Task& task = tasks[order[t]];
+      const Task& task = tasks[t];
       const AttnSeq& sq = p.seqs[task.seq];
       const AttnMask mask = mask_of(p, sq);
       const int64_t h = task.h, i0 = task.i0, rows = std::min(BQ, sq.T - i0), qi = sq.q_start + i0;
