@@ -162,8 +162,13 @@ inline void scale_row(float* x, int64_t n, float s) {
 inline void softcap_row(float* x, int64_t n, float mul, float cap, float* t_out) {
   const Vec vin(mul / cap), vcap(cap);
   int64_t c = 0;
-  for (; c < n; c += Vec::size()) {
-    const int64_t m = std::min<int64_t>(Vec::size(), n - c);
+  for (; c + Vec::size() <= n; c += Vec::size()) {  // full vectors: plain loads and stores
+    const Vec t = (Vec::loadu(x + c) * vin).tanh();
+    if (t_out != nullptr) t.store(t_out + c);
+    (t * vcap).store(x + c);
+  }
+  if (c < n) {  // the tail (partial loads and stores go through a copy)
+    const int64_t m = n - c;
     const Vec t = (Vec::loadu(x + c, m) * vin).tanh();
     if (t_out != nullptr) t.store(t_out + c, m);
     (t * vcap).store(x + c, m);
@@ -461,14 +466,10 @@ void bwd_kernel(const AttnProblem& p, const scalar_t* dO, const scalar_t* Q, con
                 dot_range(prow, dprow, a, e) - (dL ? dL[p.lse.at(sq.b, sq.q_start + i, h)] : 0.f);
             const Vec vdelta(delta), vs(scale), one(1.f);
             if (cap > 0.f) {  // d(cap tanh(x / cap)) / dx = 1 - tanh^2
-              const float* th = tanh_buf.data();
-              for (int64_t c = a; c < e; c += Vec::size()) {
-                const int64_t m = std::min<int64_t>(Vec::size(), e - c);
-                const Vec tv = Vec::loadu(th + (c - a), m);
-                const Vec ds = Vec::loadu(prow + c, m) * (Vec::loadu(dprow + c, m) - vdelta) *
-                               (one - tv * tv) * vs;
-                ds.store(dprow + c, m);
-              }
+              // tanh_buf[c - a]: tanh of score c (softcap_row above)
+              at::vec::map3(
+                  [&](Vec pv, Vec dpv, Vec tv) { return pv * (dpv - vdelta) * (one - tv * tv) * vs; },
+                  dprow + a, prow + a, dprow + a, tanh_buf.data(), e - a);
             } else {
               at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - vdelta) * vs; },
                             dprow + a, prow + a, dprow + a, e - a);
