@@ -188,6 +188,26 @@ def test_deterministic_flag_same_gradients_on_cpu():
         assert torch.equal(a, b)
 
 
+def test_same_bits_for_any_thread_count():
+    """Threads take tasks dynamically, but each task owns its outputs: the bits do not depend on
+    how many threads run (or on which thread ran what)."""
+    lens = [150, 0, 1, 77, 5]
+    q, k, v = make(lens, lens, 4, 2, 32, torch.float32)
+    cu = cu_of(lens)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = lmkernels.attention_varlen(q, k, v, cu, cu, 150, 150, is_causal=True)
+            results.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("deterministic", (True, False))
 def test_double_backward_matches_reference(deterministic):
     lens_q, lens_k = [7, 0, 12], [9, 4, 12]
