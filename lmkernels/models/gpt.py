@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import lmkernels
-from lmkernels.models._causal_lm import CausalLM
+from lmkernels.models._causal_lm import CausalLM, causal_attention
 
 
 @dataclass
@@ -55,7 +55,8 @@ def rotary_tables(head_dim: int, length: int, device=None, base: float = 10000.0
 
 
 def apply_rotary(x, cos, sin):
-    """x: (B, nh, T, hs); cos/sin: (T, hs/2). Rotates each adjacent pair by its position's angle."""
+    """x: (B, nh, T, hs); cos/sin: (T, hs/2), or (B, 1, T, hs/2) for per-row positions (packed
+    documents). Rotates each adjacent pair by its position's angle."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
@@ -70,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None):
+    def forward(self, x, rotary=None, packing=None):
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (B, T, nh * hs)
         # the number of heads follows from the width: all of them, or this rank's share under TP
@@ -79,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = lmkernels.attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, packing)  # (B, nh, T, hs); within each document if packed
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -104,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None):
-        x = x + self.attn(self.ln_1(x), rotary)
+    def forward(self, x, rotary=None, packing=None):
+        x = x + self.attn(self.ln_1(x), rotary, packing)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,20 +149,23 @@ class GPT(CausalLM):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm."""
+    def hidden_states(self, idx, packing=None):
+        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm. packing
+        (PackedDocuments): rows hold several documents; positions restart at each."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
+        pos = torch.arange(T, device=idx.device) if packing is None else packing.position_ids  # (T,) or (B, T)
         if self.config.rotary:
-            rotary = rotary_tables(self.config.n_embd // self.config.n_head, T, idx.device)
+            cos, sin = rotary_tables(self.config.n_embd // self.config.n_head, T, idx.device)
+            rotary = (cos, sin) if packing is None else (cos[pos][:, None], sin[pos][:, None])  # (B, 1, T, hs/2)
         else:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast, or (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rotary)
+            x = block(x, rotary, packing)
         return self.transformer.ln_f(x)
 
     def _fused_loss_applies(self) -> bool:
@@ -173,11 +177,11 @@ class GPT(CausalLM):
                 and c.weight is None and c.reduction == "mean" and c.label_smoothing == 0.0
                 and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, packing=None):
         """Training (targets given): (None, mean loss) through the fused linear cross-entropy,
         or (logits, loss) through the criterion once TP has made it vocab-parallel.
-        Inference: (logits of the last position (B, 1, V), None)."""
-        x = self.hidden_states(idx)
+        Inference: (logits of the last position (B, 1, V), None). packing: see hidden_states."""
+        x = self.hidden_states(idx, packing)
         if targets is None:  # inference: only the last position is needed
             return self.lm_head(x[:, [-1], :]), None
         if self._fused_loss_applies():
