@@ -332,4 +332,5 @@ class BatchSampler:
             raise DataError("data: packed batches need the documents' starts, which this TokenData lacks "
                             "(build it with prepare_data)")
         ignore, packing = pack_windows(starts, self.doc_starts[split], self.block_size)
-        return x, y.masked_fill_(ignore, IGNORE_INDEX), packing
+        # not in place: with batch_size 1, x and y are views of one row (.contiguous() copies nothing)
+        return x, y.masked_fill(ignore, IGNORE_INDEX), packing
