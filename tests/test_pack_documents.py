@@ -96,6 +96,8 @@ def test_packed_batch_is_the_same_window_with_its_layout():
     one_x, one_y, _ = BatchSampler(short, 37, 1, seed=1).get_batch("train", 0, packed=True)
     assert torch.equal(one_x, BatchSampler(short, 37, 1, seed=1).get_batch("train", 0)[0])
     assert (one_y == IGNORE_INDEX).any() and not (one_x == IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="every target of a packed train batch begins a document"):
+        BatchSampler(_token_data([1] * 50), 8, 2, seed=0).get_batch("train", 0, packed=True)
     # evaluation batches are packed the same way
     ex, ey, epacking = sampler.eval_batch("val", 0, packed=True)
     assert epacking.position_ids.shape == ex.shape == ey.shape

@@ -332,5 +332,8 @@ class BatchSampler:
             raise DataError("data: packed batches need the documents' starts, which this TokenData lacks "
                             "(build it with prepare_data)")
         ignore, packing = pack_windows(starts, self.doc_starts[split], self.block_size)
+        if bool(ignore.all()):  # the mean loss would be 0 / 0
+            raise DataError(f"data: every target of a packed {split} batch begins a document: the documents are "
+                            f"1 token long (check doc_separator); packed training needs longer documents")
         # not in place: with batch_size 1, x and y are views of one row (.contiguous() copies nothing)
         return x, y.masked_fill(ignore, IGNORE_INDEX), packing
