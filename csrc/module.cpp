@@ -66,16 +66,50 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_fused_adamw_args",
         with_adamw_args([](const lmk::AdamWArgs& a) { lmk::check_adamw_args(a); }),
         "fused_adamw_'s argument checks (schema order, without backend)");
+  // softcap defaults to 0.0 (off), as in the schemas.
   m.def(
       "check_attention_args",
       [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-         int64_t window_left, int64_t window_right) {
-        lmk::check_attention_args("attention_fwd", query, key, value, window_left, window_right);
+         int64_t window_left, int64_t window_right, double softcap) {
+        lmk::check_attention_args("attention_fwd", query, key, value, window_left, window_right,
+                                  softcap);
       },
-      "attention_fwd's argument checks (query, key, value, window_left, window_right)");
+      "attention_fwd's argument checks (query, key, value, window_left, window_right, softcap)",
+      pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"),
+      pybind11::arg("window_left"), pybind11::arg("window_right"),
+      pybind11::arg("softcap") = 0.0);
   m.def("check_attention_bwd_args", &lmk::check_attention_bwd_args,
         "attention_bwd's argument checks (grad_out, query, key, value, out, lse, grad_lse, "
-        "window_left, window_right)");
+        "window_left, window_right, softcap)",
+        pybind11::arg("grad_out"), pybind11::arg("query"), pybind11::arg("key"),
+        pybind11::arg("value"), pybind11::arg("out"), pybind11::arg("lse"),
+        pybind11::arg("grad_lse"), pybind11::arg("window_left"), pybind11::arg("window_right"),
+        pybind11::arg("softcap") = 0.0);
+  // The varlen checks read cu_seqlens' values: one device-to-host copy per call on CUDA.
+  m.def(
+      "check_attention_varlen_args",
+      [](const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+         int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double softcap) {
+        lmk::check_attention_varlen_args("attention_varlen_fwd", query, key, value, cu_seqlens_q,
+                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                         window_right, softcap);
+      },
+      "attention_varlen_fwd's argument checks (schema order, without scale, is_causal and "
+      "backend)");
+  m.def(
+      "check_attention_varlen_bwd_args",
+      [](const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+         const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+         const OptTensor& grad_lse, const at::Tensor& cu_seqlens_q,
+         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+         int64_t window_left, int64_t window_right, double softcap) {
+        lmk::check_attention_varlen_bwd_args(grad_out, query, key, value, out, lse, grad_lse,
+                                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, window_left, window_right, softcap);
+      },
+      "attention_varlen_bwd's argument checks (schema order, without scale, is_causal, "
+      "deterministic and backend)");
   m.def(
       "check_flce_fwd_args",
       [](const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,

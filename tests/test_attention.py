@@ -59,7 +59,7 @@ def launcher_fwd_bwd(q, k, v, kw, g, glse):
     sum(out * g) + sum(finite lse * glse)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     left, right = (-1, -1) if kw["window_size"] is None else kw["window_size"]
-    args = (scale, kw["is_causal"], left, right)
+    args = (scale, kw["is_causal"], left, right) + ((kw["softcap"],) if kw["softcap"] else ())
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = triton_attention.attention_fwd(q, k, v, *args)
     grad_lse = None if glse is None else torch.where(torch.isfinite(lse), glse, 0.0)
@@ -67,9 +67,9 @@ def launcher_fwd_bwd(q, k, v, kw, g, glse):
     return out, lse, grads
 
 
-def run_and_compare(backend, B, H, Hkv, T, S, D, dtype, is_causal, window, *, use_lse=False):
+def run_and_compare(backend, B, H, Hkv, T, S, D, dtype, is_causal, window, *, use_lse=False, softcap=0.0):
     q, k, v = make_inputs(B, H, Hkv, T, S, D, dtype)
-    kw = dict(is_causal=is_causal, window_size=window)
+    kw = dict(is_causal=is_causal, window_size=window, softcap=softcap)
     if uses_launcher(backend):
         g = torch.randn(B, H, T, D, dtype=dtype)
         glse = torch.randn(B, H, T) if use_lse else None
@@ -139,6 +139,42 @@ def test_cpu_lse_gradient(is_causal):
 def test_cpu_large_blocks_and_long_rows():
     # Several query and key tiles per head, T != S, sliding window inside.
     run_and_compare("cpu", 1, 2, 2, 700, 1025, 64, torch.float32, True, (300, -1))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("softcap", (0.5, 5.0, 30.0))
+@pytest.mark.parametrize("is_causal,window,T,S", ((False, None, 97, 1025), (True, None, 257, 97),
+                                                  (True, (20, -1), 130, 130), (False, (5, 7), 1, 17)))
+def test_cpu_softcap(dtype, softcap, is_causal, window, T, S):
+    # softcap 0.5 saturates most scores (tanh' near 0), 30 barely touches them; GQA, several
+    # key tiles (1025 keys) and empty rows (T > S causal) included.
+    run_and_compare("cpu", 1, 4, 2, T, S, 64, dtype, is_causal, window, softcap=softcap, use_lse=True)
+
+
+def test_softcap_matches_explicit_formula():
+    """softcap against the formula written out with SDPA: scores capped, then softmax."""
+    q, k, v = make_inputs(2, 4, 4, 33, 47, 32, torch.float64, requires_grad=False)
+    cap, scale = 2.0, 0.4
+    s = cap * torch.tanh(scale * q @ k.transpose(-1, -2) / cap)
+    expected = torch.softmax(s, -1) @ v
+    out = lmkernels.attention(q.float(), k.float(), v.float(), scale=scale, softcap=cap)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
+    # softcap=0 is off: the same bits as the default call.
+    assert torch.equal(lmkernels.attention(q.float(), k.float(), v.float(), softcap=0.0),
+                       lmkernels.attention(q.float(), k.float(), v.float()))
+
+
+@pytest.mark.parametrize("softcap,error", [(-1.0, ValueError), (float("nan"), ValueError),
+                                           (float("inf"), ValueError), ("2", TypeError), (True, TypeError)])
+def test_softcap_argument_errors(softcap, error):
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, requires_grad=False)
+    with pytest.raises(error, match=r"^attention: softcap must be a finite real number >= 0 \(0: off\); got"):
+        lmkernels.attention(q, k, v, softcap=softcap)
+    if error is ValueError:  # the op itself (what torch.compile'd code and the CUDA path reach)
+        with pytest.raises(ValueError, match="attention_fwd: softcap must be a finite number >= 0"):
+            torch.ops.lmkernels.attention_fwd(q, k, v, 1.0, False, -1, -1, softcap)
+        with pytest.raises(ValueError, match="attention_bwd: softcap must be a finite number >= 0"):
+            torch.ops.lmkernels.attention_bwd(q, q, k, v, q, q[..., 0], None, 1.0, False, -1, -1, softcap)
 
 
 def test_empty_rows_give_zeros():
@@ -276,12 +312,12 @@ def test_fakes_check_shapes():
         torch.ops.lmkernels.attention_bwd(q[:, :, :3], q, k, v, q, lse, None, 1.0, False, -1, -1)
 
 
-@pytest.mark.parametrize("is_causal,window,use_lse", [(False, None, False), (True, None, True),
-                                                      (False, (5, 3), False)])
-def test_double_backward_matches_reference(is_causal, window, use_lse):
+@pytest.mark.parametrize("is_causal,window,use_lse,softcap", [(False, None, False, 0.0), (True, None, True, 0.0),
+                                                              (False, (5, 3), False, 0.0), (True, None, True, 1.5)])
+def test_double_backward_matches_reference(is_causal, window, use_lse, softcap):
     """Issue 9 item 2: grad of a function of the gradients (create_graph=True) returned zeros."""
     q, k, v = make_inputs(1, 4, 2, 19, 23, 16, torch.float32)
-    kw = dict(is_causal=is_causal, window_size=window)
+    kw = dict(is_causal=is_causal, window_size=window, softcap=softcap)
     g = torch.randn(1, 4, 19, 16)
     glse = torch.randn(1, 4, 19)
 
@@ -303,13 +339,13 @@ def test_double_backward_matches_reference(is_causal, window, use_lse):
 # ------------------------------------------------------------------ op contracts
 def test_opcheck_cpu_ops():
     q, k, v = make_inputs(2, 4, 2, 19, 23, 16, torch.float32)
-    for causal, left, right in ((False, -1, -1), (True, 4, -1)):
-        args = (q, k, v, 0.25, causal, left, right)
+    for causal, left, right, cap in ((False, -1, -1, 0.0), (True, 4, -1, 0.0), (True, -1, -1, 3.0)):
+        args = (q, k, v, 0.25, causal, left, right, cap)
         torch.library.opcheck(torch.ops.lmkernels.attention_fwd, args)
         out, lse = torch.ops.lmkernels.attention_fwd(*args)
         g = torch.randn_like(out)
         bargs = (g.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                 torch.randn_like(lse), 0.25, causal, left, right)
+                 torch.randn_like(lse), 0.25, causal, left, right, cap)
         torch.library.opcheck(torch.ops.lmkernels.attention_bwd, bargs, {"backend": "cpu"})
 
 

@@ -7,7 +7,8 @@ FlashAttention-2's bottom-right convention):
     j >= i + off - left    (if left  >= 0; -1 = unbounded)
     j <= i + off + right   (if right >= 0; -1 = unbounded)
 is_causal sets right = 0. Rows with no allowed key give out = 0 and lse = -inf.
-    s = scale * q @ k^T,  lse = logsumexp_j(s),  out = softmax(s) @ v
+    s = scale * q @ k^T;  softcap > 0: s = softcap * tanh(s / softcap) (before the mask)
+    lse = logsumexp_j(s),  out = softmax(s) @ v
 """
 import math
 from typing import Optional, Tuple
@@ -43,6 +44,7 @@ def attention_reference(
     is_causal: bool = False,
     scale: Optional[float] = None,
     window_size: Optional[Tuple[int, int]] = None,
+    softcap: float = 0.0,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out in query's dtype, lse float32), computed in `compute_dtype` (float64: the truth;
@@ -58,6 +60,8 @@ def attention_reference(
     left, right = window_bounds(is_causal, window_size)
     mask = allowed_mask(T, S, left, right, device=query.device)
     s = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     s = torch.where(mask, s, float("-inf"))
     m = s.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)  # softmax is shift-invariant; keeps empty rows finite
