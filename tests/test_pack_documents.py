@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lmkernels
 from lmkernels.models import gpt as gpt_module
+from lmkernels.models._causal_lm import PackedDocuments
 from lmkernels.models.gpt import GPT, GPTConfig
 from lmkernels.models.llama import Llama, LlamaConfig
 from lmkernels.reference.attention import attention_reference
@@ -168,6 +169,8 @@ def test_packed_batch_equals_each_document_alone(kind, monkeypatch):
     alone.sum().backward()
     alone_grads = _grads(model)
     model.zero_grad()
+    with pytest.raises(ValueError, match=r"packing.position_ids must have the shape of idx \(3, 37\)"):
+        model(x, y, packing=PackedDocuments(packing.cu_seqlens, packing.max_seqlen, packing.position_ids[:2]))
     # the trainer's loss: the mean over the targets that do not begin a document
     _, loss = model(x, y, packing=packing)
     torch.testing.assert_close(loss, packed.sum() / (y != IGNORE_INDEX).sum(), rtol=1e-5, atol=1e-6)

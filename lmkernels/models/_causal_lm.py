@@ -24,6 +24,12 @@ class PackedDocuments:
     max_seqlen: int
     position_ids: torch.Tensor
 
+    def check(self, idx: torch.Tensor) -> None:
+        """The layout must describe idx (B, T); cu_seqlens itself is checked by attention_varlen."""
+        if not isinstance(self.position_ids, torch.Tensor) or self.position_ids.shape != idx.shape:
+            raise ValueError(f"packing.position_ids must have the shape of idx {tuple(idx.shape)}; got "
+                             f"{getattr(self.position_ids, 'shape', type(self.position_ids).__name__)}")
+
     def to(self, device, non_blocking: bool = False) -> "PackedDocuments":
         return PackedDocuments(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen,
                                self.position_ids.to(device, non_blocking=non_blocking))

@@ -155,6 +155,8 @@ class GPT(CausalLM):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        if packing is not None:
+            packing.check(idx)
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         pos = torch.arange(T, device=idx.device) if packing is None else packing.position_ids  # (T,) or (B, T)

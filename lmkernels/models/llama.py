@@ -170,6 +170,8 @@ class Llama(CausalLM):
         if T > self.config.max_position_embeddings:
             raise ValueError(f"Llama: sequence length {T} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        if packing is not None:
+            packing.check(idx)
         if packing is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
         else:
