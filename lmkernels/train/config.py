@@ -37,10 +37,11 @@ class TrainConfig:
     data_cache: str = field(default="", metadata={"help": "token cache directory (default ~/.cache/lmkernels/data)"})
     doc_separator: str = field(default="", metadata={
         "help": "splits text files into documents at this string (dropped); empty: each file is one document"})
-    pack_documents: bool = field(default=False, metadata={
+    # on by default: as fast as unpacked on CPU (bench/results/pack-cpu.md: 1.02x step by step)
+    pack_documents: bool = field(default=True, metadata={
         "help": "each document in a batch window is its own sequence: attention stays inside it "
                 "(lmkernels.attention_varlen), positions restart at 0, and the first token of a document is "
-                "not predicted from the previous one"})
+                "not predicted from the previous one (false: windows run across document boundaries)"})
     # optimization
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-step per data-parallel rank"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration (per rank)"})

@@ -5,6 +5,7 @@ through BucketedDataParallel's no_sync), the global gradient norm clipped across
 one FusedAdamW step, learning rate from linear warm-up then cosine decay. Every eval_interval:
 train/val loss and perplexity, and a checkpoint. Batches and dropout seeds are pure functions
 of (seed, rank, iteration), so a resumed run repeats the uninterrupted run's losses exactly.
+With pack_documents each batch carries its document layout (PackedDocuments) to the model.
 """
 import datetime
 import math
