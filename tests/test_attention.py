@@ -244,7 +244,8 @@ def test_cpp_op_checks_its_arguments():
         torch.ops.lmkernels.attention_fwd(q, kv3, kv3, 1.0, False, -1, -1)
     with pytest.raises(ValueError, match="window"):
         torch.ops.lmkernels.attention_fwd(q, k, v, 1.0, False, -5, -1)
-    with pytest.raises(ValueError, match="lse must be float32"):
+    # The expected shape reads as a shape ("[1, 4, 8]"; it printed as "1 4 8").
+    with pytest.raises(ValueError, match=re.escape("lse must be float32 of shape [1, 4, 8]; got Double [1, 4, 8]")):
         torch.ops.lmkernels.attention_bwd(q, q, k, v, q, q[..., 0].double(), None, 1.0, False, -1, -1)
     with pytest.raises(ValueError, match="grad_out must have query's shape"):
         torch.ops.lmkernels.attention_bwd(q[:, :, :4], q, k, v, q, q[..., 0], None, 1.0, False, -1, -1)

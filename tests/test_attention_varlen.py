@@ -101,8 +101,8 @@ def test_fuzz_against_reference(dtype, seed):
 
 def test_long_sequences_several_tiles():
     # Several 64-row query blocks and 512-key tiles in one sequence, next to tiny ones; T != S.
-    run_and_compare([700, 1, 0, 90], [1025, 3, 5, 0], 4, 2, 64, torch.float32, is_causal=True,
-                    window=(300, -1), use_lse=True)
+    run_and_compare([300, 1, 0, 90], [600, 3, 5, 0], 2, 1, 64, torch.float32, is_causal=True,
+                    window=(200, -1), use_lse=True)
 
 
 def test_zero_and_one_lengths_only():
@@ -186,6 +186,26 @@ def test_deterministic_flag_same_gradients_on_cpu():
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_same_bits_for_any_thread_count():
+    """Threads take tasks dynamically, but each task owns its outputs: the bits do not depend on
+    how many threads run (or on which thread ran what)."""
+    lens = [150, 0, 1, 77, 5]
+    q, k, v = make(lens, lens, 4, 2, 32, torch.float32)
+    cu = cu_of(lens)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = lmkernels.attention_varlen(q, k, v, cu, cu, 150, 150, is_causal=True)
+            results.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("deterministic", (True, False))
@@ -277,6 +297,14 @@ def test_argument_errors(kw, args, error, message):
         lmkernels.attention_varlen(*call.values(), **kw)
 
 
+def test_op_checks_max_seqlen_sign():
+    q, k, v, cu_q, cu_k = _good()
+    with pytest.raises(ValueError, match=re.escape("attention_varlen_fwd: max_seqlen_k must be >= 0; got -1")):
+        torch.ops.lmkernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, 5, -1, 0.25, False, -1, -1, 0.0)
+    with pytest.raises(ValueError, match=re.escape("attention_varlen_fwd: softcap must be a finite number >= 0")):
+        torch.ops.lmkernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, 5, 4, 0.25, False, -1, -1, -1.0)
+
+
 def test_backend_errors_on_cpu():
     q, k, v, cu_q, cu_k = _good()
     with pytest.raises(ValueError, match=re.escape("call lmkernels.triton.attention.attention_varlen_fwd directly")):
@@ -322,7 +350,7 @@ def test_opcheck_cpu_ops():
     lens_q, lens_k = [5, 0, 14], [7, 3, 14]
     q, k, v = make(lens_q, lens_k, 4, 2, 16, torch.float32)
     cu_q, cu_k = cu_of(lens_q), cu_of(lens_k)
-    for causal, left, right, cap in ((False, -1, -1, 0.0), (True, 4, -1, 2.5)):
+    for causal, left, right, cap in ((True, 4, -1, 2.5),):  # one config: opcheck is slow
         args = (q, k, v, cu_q, cu_k, 14, 14, 0.25, causal, left, right, cap)
         torch.library.opcheck(torch.ops.lmkernels.attention_varlen_fwd, args)
         out, lse = torch.ops.lmkernels.attention_varlen_fwd(*args)

@@ -23,7 +23,7 @@
 // and dQ of its query heads: no atomics, deterministic. GEMMs go to the BLAS torch links
 // (blas.h). bf16/fp16 are converted to fp32 tiles (no bf16 arithmetic here).
 //
-// Scheduling: tasks are listed longest first and threads take the next one from a shared
+// Scheduling: sequences are listed longest first and threads take the next task from a shared
 // counter, so one long document (varlen) or the long causal blocks do not leave a thread idle.
 //
 // Non-finite input (NaN/inf in Q, K, V or scale) gives non-finite output, as SDPA does: a NaN
@@ -162,8 +162,13 @@ inline void scale_row(float* x, int64_t n, float s) {
 inline void softcap_row(float* x, int64_t n, float mul, float cap, float* t_out) {
   const Vec vin(mul / cap), vcap(cap);
   int64_t c = 0;
-  for (; c < n; c += Vec::size()) {
-    const int64_t m = std::min<int64_t>(Vec::size(), n - c);
+  for (; c + Vec::size() <= n; c += Vec::size()) {  // full vectors: plain loads and stores
+    const Vec t = (Vec::loadu(x + c) * vin).tanh();
+    if (t_out != nullptr) t.store(t_out + c);
+    (t * vcap).store(x + c);
+  }
+  if (c < n) {  // the tail (partial loads and stores go through a copy)
+    const int64_t m = n - c;
     const Vec t = (Vec::loadu(x + c, m) * vin).tanh();
     if (t_out != nullptr) t.store(t_out + c, m);
     (t * vcap).store(x + c, m);
@@ -219,31 +224,37 @@ void fwd_kernel(const AttnProblem& p, const scalar_t* Q, const scalar_t* K, cons
   const int64_t BQ = blk.fwd_q, BK = blk.fwd_k;
   const float scale = p.scale, cap = p.softcap;
 
-  // Tasks: (sequence, head, query block); cost = rows x keys the block reaches.
+  // Tasks: (sequence, head, query block). Sequences go longest first (cost: rows x keys their
+  // blocks reach); within one, head by head so that consecutive tasks reuse the head's K/V
+  // from cache (tasks sorted across heads measured 1.00-1.03x SDPA against 1.18-1.21x in
+  // bench_attention.py, T=1024 causal fp32 forward, Xeon with AVX-512), and the last block
+  // first: under a causal mask it reaches the most keys, so the small blocks fill the end.
   struct Task {
     int64_t seq, h, i0;
   };
-  std::vector<Task> tasks;
-  std::vector<int64_t> cost;
-  for (int64_t s = 0; s < static_cast<int64_t>(p.seqs.size()); ++s) {
+  const int64_t n_seqs = static_cast<int64_t>(p.seqs.size());
+  std::vector<int64_t> seq_cost(n_seqs, 0);
+  for (int64_t s = 0; s < n_seqs; ++s) {
     const AttnSeq& sq = p.seqs[s];
     const AttnMask mask = mask_of(p, sq);
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t i0 = 0; i0 < sq.T; i0 += BQ) {
-        const int64_t rows = std::min(BQ, sq.T - i0);
-        tasks.push_back({s, h, i0});
-        cost.push_back(rows * (std::max<int64_t>(mask.hi(i0 + rows - 1) - mask.lo(i0), 0) + D));
-      }
+    for (int64_t i0 = 0; i0 < sq.T; i0 += BQ) {
+      const int64_t rows = std::min(BQ, sq.T - i0);
+      seq_cost[s] += rows * (std::max<int64_t>(mask.hi(i0 + rows - 1) - mask.lo(i0), 0) + D);
     }
   }
-  const std::vector<int64_t> order = longest_first(cost);
+  std::vector<Task> tasks;
+  for (const int64_t s : longest_first(seq_cost)) {
+    const int64_t T = p.seqs[s].T;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i0 = (T - 1) / BQ * BQ; i0 >= 0 && T > 0; i0 -= BQ) tasks.push_back({s, h, i0});
+  }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 
   parallel_tasks(n_tasks, [&](auto take) {
     std::vector<float> s_buf(BQ * BK), acc(BQ * D), row_max(BQ), row_sum(BQ), q_buf(BQ * D),
         k_buf(BK * D), v_buf(BK * D);
     for (int64_t t; (t = take()) < n_tasks;) {
-      const Task& task = tasks[order[t]];
+      const Task& task = tasks[t];
       const AttnSeq& sq = p.seqs[task.seq];
       const AttnMask mask = mask_of(p, sq);
       const int64_t h = task.h, i0 = task.i0, rows = std::min(BQ, sq.T - i0), qi = sq.q_start + i0;
@@ -455,14 +466,10 @@ void bwd_kernel(const AttnProblem& p, const scalar_t* dO, const scalar_t* Q, con
                 dot_range(prow, dprow, a, e) - (dL ? dL[p.lse.at(sq.b, sq.q_start + i, h)] : 0.f);
             const Vec vdelta(delta), vs(scale), one(1.f);
             if (cap > 0.f) {  // d(cap tanh(x / cap)) / dx = 1 - tanh^2
-              const float* th = tanh_buf.data();
-              for (int64_t c = a; c < e; c += Vec::size()) {
-                const int64_t m = std::min<int64_t>(Vec::size(), e - c);
-                const Vec tv = Vec::loadu(th + (c - a), m);
-                const Vec ds = Vec::loadu(prow + c, m) * (Vec::loadu(dprow + c, m) - vdelta) *
-                               (one - tv * tv) * vs;
-                ds.store(dprow + c, m);
-              }
+              // tanh_buf[c - a]: tanh of score c (softcap_row above)
+              at::vec::map3(
+                  [&](Vec pv, Vec dpv, Vec tv) { return pv * (dpv - vdelta) * (one - tv * tv) * vs; },
+                  dprow + a, prow + a, dprow + a, tanh_buf.data(), e - a);
             } else {
               at::vec::map2([&](Vec pv, Vec dpv) { return pv * (dpv - vdelta) * vs; },
                             dprow + a, prow + a, dprow + a, e - a);

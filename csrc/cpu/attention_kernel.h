@@ -5,7 +5,8 @@
 // and S_b key rows. A tensor's element (sequence b, head h, row i) sits at
 //     b * batch + (start_b + i) * row + h * head        (the last dim D is contiguous)
 // Dense (B, H, T, D):     one sequence per batch entry, start 0, strides from the tensor.
-// Packed (total, H, D):   batch stride 0, start = cu_seqlens[b], row = H * D, head = D.
+// Packed (total, H, D):   batch stride 0, start = cu_seqlens[b], row and head strides from
+//                         the tensor (H * D and D when contiguous).
 // lse follows the same rule with D = 1: dense (B, H, T), packed (H, total).
 #pragma once
 #include <ATen/ATen.h>

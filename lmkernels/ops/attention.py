@@ -1,7 +1,8 @@
 """attention: fused scaled-dot-product attention (FlashAttention-2 style), forward and backward.
 
 torch.ops.lmkernels.attention_fwd / attention_bwd   schemas and argument checks: csrc/attention.cpp
-    CPU tensors   the C++ kernel (csrc/cpu/attention_cpu.cpp)
+    CPU tensors   the C++ kernel (csrc/cpu/attention_cpu.cpp on the flash core shared with
+                  attention_varlen, csrc/cpu/attention_kernel.cpp)
     CUDA tensors  `_fwd_on_cuda` / `_bwd_on_cuda` below: the Triton launchers of
                   lmkernels/triton/attention.py after the C++ checks (there is no CUDA C++
                   attention kernel: backend='cuda' is an error, LMK_BACKEND=cuda runs Triton)
