@@ -68,7 +68,7 @@ def test_cached_logits_match_full_forward(kind):
     with torch.no_grad():
         pieces = [(0, 5)] + [(t, t + 1) for t in range(5, 9)] + [(9, 12), (12, 13)]
         for lo, hi in pieces:
-            step = model.lm_head(model.hidden_states(seq[:, lo:hi], cache))
+            step = model.lm_head(model.hidden_states(seq[:, lo:hi], kv_cache=cache))
             torch.testing.assert_close(step, full[:, lo:hi])
     assert cache.length == BLOCK
 
@@ -121,9 +121,9 @@ def test_cache_past_context_length_is_refused(kind):
     model = make_model(kind)
     cache = KVCache(2 * BLOCK)  # the cache has room; the model's positions do not
     with torch.no_grad():
-        model.hidden_states(torch.zeros(1, BLOCK - 1, dtype=torch.long), cache)
+        model.hidden_states(torch.zeros(1, BLOCK - 1, dtype=torch.long), kv_cache=cache)
         with pytest.raises(ValueError, match=f"{BLOCK - 1} cached \\+ 2 new tokens exceed the context length {BLOCK}"):
-            model.hidden_states(torch.zeros(1, 2, dtype=torch.long), cache)
+            model.hidden_states(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,6 +1,6 @@
 """What every causal language model here shares beyond its architecture: the trainer's interface
-(`logits` for evaluation and comparisons, the optimizer's two weight-decay groups) and sampling
-(`generate`, with a KV cache by default).
+(`logits` for evaluation and comparisons, the optimizer's two weight-decay groups), causal
+attention over packed documents, and sampling (`generate`, with a KV cache by default).
 
 Sampling past the context length (`config.block_size`): the model always sees the last
 block_size tokens at positions 0 .. block_size - 1, with or without the cache. Sliding that
@@ -12,23 +12,64 @@ the tokens identical to the no-cache path (use_cache=False).
 """
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+import lmkernels
 from lmkernels.models.kv_cache import KVCache
 
-import lmkernels
+
+@dataclass(frozen=True)
+class PackedDocuments:
+    """The layout of a (B, T) batch whose rows hold several documents back to back (the trainer's
+    --pack_documents): each document is its own causal sequence, with positions from 0.
+
+    cu_seqlens: (N + 1,) int32, the documents' starts in the flattened B * T tokens, then B * T
+        (a document cut by a row's end is two documents; every row starts one).
+    max_seqlen: the longest document, in tokens.
+    position_ids: (B, T) int64, each token's position within its document.
+    """
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    position_ids: torch.Tensor
+
+    def check(self, idx: torch.Tensor) -> None:
+        """The layout must describe idx (B, T); cu_seqlens itself is checked by attention_varlen."""
+        if not isinstance(self.position_ids, torch.Tensor) or self.position_ids.shape != idx.shape:
+            raise ValueError(f"packing.position_ids must have the shape of idx {tuple(idx.shape)}; got "
+                             f"{getattr(self.position_ids, 'shape', type(self.position_ids).__name__)}")
+
+    def to(self, device, non_blocking: bool = False) -> "PackedDocuments":
+        return PackedDocuments(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen,
+                               self.position_ids.to(device, non_blocking=non_blocking))
+
+
+def causal_attention(q, k, v, packing: Optional[PackedDocuments] = None):
+    """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) -> (B, H, T, D); with packing,
+    within each document only (lmkernels.attention_varlen on the flattened B * T tokens)."""
+    if packing is None:
+        return lmkernels.attention(q, k, v, is_causal=True)
+    B, H, T, D = q.shape
+
+    def tokens(t):  # (B, h, T, D) -> (B * T, h, D); a view when t came from a (B, T, h * D) projection
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], D)
+
+    cu, n = packing.cu_seqlens, packing.max_seqlen
+    y = lmkernels.attention_varlen(tokens(q), tokens(k), tokens(v), cu, cu, n, n, is_causal=True)
+    return y.view(B, T, H, D).transpose(1, 2)
 
 
 class CausalLM(nn.Module):
-    """A model with `hidden_states(idx, kv_cache=None) -> (B, T, C)`, an `lm_head` and
-    `config.block_size` (its context length)."""
+    """A model with `hidden_states(idx, packing=None, kv_cache=None) -> (B, T, C)`, an `lm_head`
+    and `config.block_size` (its context length)."""
 
-    def logits(self, idx):
+    def logits(self, idx, packing: Optional[PackedDocuments] = None):
         """(B, T, V) logits for every position (evaluation, comparisons with other stacks)."""
-        return self.lm_head(self.hidden_states(idx))
+        return self.lm_head(self.hidden_states(idx, packing))
 
     def head_loss(self, h, targets, ignore_index: int):
         """Mean cross-entropy of lm_head(h) against targets without materializing the logits:
@@ -64,7 +105,7 @@ class CausalLM(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= block_size:
                 new = idx if cache.length == 0 else idx[:, -1:]  # the prompt, then each new token
-                logits = self.lm_head(self.hidden_states(new, cache)[:, -1, :])  # (B, V)
+                logits = self.lm_head(self.hidden_states(new, kv_cache=cache)[:, -1, :])  # (B, V)
             else:  # without the cache, or past block_size
                 logits, _ = self(idx[:, -block_size:])
                 logits = logits[:, -1, :]  # (B, V)

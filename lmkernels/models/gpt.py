@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import lmkernels
-from lmkernels.models._causal_lm import CausalLM
+from lmkernels.models._causal_lm import CausalLM, causal_attention
 
 
 @dataclass
@@ -53,7 +53,8 @@ def rotary_tables(head_dim: int, length: int, device=None, base: float = 10000.0
 
 
 def apply_rotary(x, cos, sin):
-    """x: (B, nh, T, hs); cos/sin: (T, hs/2). Rotates each adjacent pair by its position's angle."""
+    """x: (B, nh, T, hs); cos/sin: (T, hs/2), or (B, 1, T, hs/2) for per-row positions (packed
+    documents). Rotates each adjacent pair by its position's angle."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
@@ -68,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary=None, kv_cache=None):
+    def forward(self, x, rotary=None, packing=None, kv_cache=None):
         B, T, _ = x.size()
         q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (B, T, nh * hs)
         # the number of heads follows from the width: all of them, or this rank's share under TP
@@ -79,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:  # decoding: attend to the cached tokens too (causal is bottom-right)
             k, v = kv_cache.append(k, v)  # (B, nh, cached + T, hs)
-        y = lmkernels.attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, packing)  # (B, nh, T, hs); within each document if packed
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -104,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
+    def forward(self, x, rotary=None, packing=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, packing, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -148,23 +149,31 @@ class GPT(CausalLM):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_cache=None):
-        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm. With a KVCache
-        (lmkernels/models/kv_cache.py) idx follows the cached tokens and is appended to them."""
+    def hidden_states(self, idx, packing=None, kv_cache=None):
+        """(B, T) token ids -> (B, T, C) hidden states after the final LayerNorm. packing
+        (PackedDocuments): rows hold several documents; positions restart at each. With a
+        KVCache (lmkernels/models/kv_cache.py) idx follows the cached tokens and is appended to
+        them."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        if packing is not None and kv_cache is not None:
+            raise ValueError("GPT: packing (training on packed documents) and kv_cache (decoding) "
+                             "cannot be combined")
+        if packing is not None:
+            packing.check(idx)
         start = 0 if kv_cache is None else kv_cache.check_room("GPT", T, self.config.block_size)
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
+        pos = torch.arange(start, start + T, device=idx.device) if packing is None else packing.position_ids  # (T,) or (B, T)
         if self.config.rotary:
             cos, sin = rotary_tables(self.config.n_embd // self.config.n_head, start + T, idx.device)
-            rotary = cos[start:], sin[start:]
+            rotary = (cos[start:], sin[start:]) if packing is None else (cos[pos][:, None], sin[pos][:, None])  # (B, 1, T, hs/2)
         else:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast, or (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rotary, None if kv_cache is None else kv_cache.layer(i))
+            x = block(x, rotary, packing, None if kv_cache is None else kv_cache.layer(i))
         return self.transformer.ln_f(x)
 
     def _fused_loss_applies(self) -> bool:
@@ -178,11 +187,11 @@ class GPT(CausalLM):
                 and c.weight is None and c.reduction == "mean" and c.label_smoothing == 0.0
                 and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, packing=None):
         """Training (targets given): (None, mean loss) through the fused linear cross-entropy,
         or (logits, loss) through the criterion once TP has made it vocab-parallel.
-        Inference: (logits of the last position (B, 1, V), None)."""
-        x = self.hidden_states(idx)
+        Inference: (logits of the last position (B, 1, V), None). packing: see hidden_states."""
+        x = self.hidden_states(idx, packing)
         if targets is None:  # inference: only the last position is needed
             return self.lm_head(x[:, [-1], :]), None
         if self._fused_loss_applies():

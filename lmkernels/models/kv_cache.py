@@ -2,7 +2,7 @@
 buffer allocated once, (B, Hkv, max_len, D), so a new token is written in place (no torch.cat
 growth per token) and attention reads a view of the filled part.
 
-The models take it as `hidden_states(idx, kv_cache)`: idx holds the tokens that follow the
+The models take it as `hidden_states(idx, kv_cache=cache)`: idx holds the tokens that follow the
 `kv_cache.length` cached ones, at positions length, length + 1, ... Each attention layer appends
 its new keys/values through its `LayerKVCache` and attends with `lmkernels.attention(q, k, v,
 is_causal=True)` against all of them; with T new queries and S = length + T keys the causal mask

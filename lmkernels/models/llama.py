@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import lmkernels
-from lmkernels.models._causal_lm import CausalLM
+from lmkernels.models._causal_lm import CausalLM, causal_attention
 
 
 @dataclass
@@ -90,15 +90,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, packing=None, kv_cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = lmkernels.rotary_embedding(q, k, cos, sin)  # rotate-half, cos/sin (T, hd) float32
+        q, k = lmkernels.rotary_embedding(q, k, cos, sin)  # rotate-half, cos/sin (T or B, T, hd) float32
         if kv_cache is not None:  # decoding: attend to the cached tokens too (causal is bottom-right)
             k, v = kv_cache.append(k, v)  # (B, nkv, cached + T, hd)
-        y = lmkernels.attention(q, k, v, is_causal=True)  # GQA without repeating k, v
+        y = causal_attention(q, k, v, packing)  # GQA without repeating k, v; within each document if packed
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -121,7 +121,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, pending, cos, sin, kv_cache=None):
+    def forward(self, x, pending, cos, sin, packing=None, kv_cache=None):
         """The residual stream is x + pending (pending: the previous layer's MLP output, not yet
         added, or None); each add happens inside the following RMSNorm (add_rms_norm).
         Returns (x, pending) for the next layer."""
@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
             h = self.input_layernorm(x)
         else:
             h, x = self.input_layernorm(pending, x)
-        h, x = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache), x)
+        h, x = self.post_attention_layernorm(self.self_attn(h, cos, sin, packing, kv_cache), x)
         return x, self.mlp(h)
 
 
@@ -164,24 +164,32 @@ class Llama(CausalLM):
         """Parameter count (tied weights once); there are no position embeddings to exclude."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, kv_cache=None):
-        """(B, T) token ids -> (B, T, C) final-norm hidden states. With a KVCache
+    def hidden_states(self, idx, packing=None, kv_cache=None):
+        """(B, T) token ids -> (B, T, C) final-norm hidden states. packing (PackedDocuments):
+        rows hold several documents; rotary positions restart at each. With a KVCache
         (lmkernels/models/kv_cache.py) idx follows the cached tokens and is appended to them."""
         B, T = idx.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"Llama: sequence length {T} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        start = 0 if kv_cache is None else kv_cache.check_room("Llama", T, self.config.max_position_embeddings)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if packing is not None and kv_cache is not None:
+            raise ValueError("Llama: packing (training on packed documents) and kv_cache (decoding) "
+                             "cannot be combined")
+        if packing is not None:
+            packing.check(idx)
+            cos, sin = self.rope_cos[packing.position_ids], self.rope_sin[packing.position_ids]  # (B, T, hd)
+        else:
+            start = 0 if kv_cache is None else kv_cache.check_room("Llama", T, self.config.max_position_embeddings)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd)
         x, pending = self.model.embed_tokens(idx), None  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            x, pending = layer(x, pending, cos, sin, None if kv_cache is None else kv_cache.layer(i))
+            x, pending = layer(x, pending, cos, sin, packing, None if kv_cache is None else kv_cache.layer(i))
         return self.model.norm(pending, x)[0] if pending is not None else self.model.norm(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, packing=None):
         """Training (targets given): (None, mean loss) through the fused linear cross-entropy.
-        Inference: (logits of the last position (B, 1, V), None)."""
-        h = self.hidden_states(idx)
+        Inference: (logits of the last position (B, 1, V), None). packing: see hidden_states."""
+        h = self.hidden_states(idx, packing)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
         return None, self.head_loss(h, targets, self.ignore_index)

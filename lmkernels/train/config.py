@@ -35,6 +35,13 @@ class TrainConfig:
     tokenizer: str = field(default="byte", metadata={"help": "byte or char"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of tokens held out for validation"})
     data_cache: str = field(default="", metadata={"help": "token cache directory (default ~/.cache/lmkernels/data)"})
+    doc_separator: str = field(default="", metadata={
+        "help": "splits text files into documents at this string (dropped); empty: each file is one document"})
+    # on by default: as fast as unpacked on CPU (bench/results/pack-cpu.md: 1.02x step by step)
+    pack_documents: bool = field(default=True, metadata={
+        "help": "each document in a batch window is its own sequence: attention stays inside it "
+                "(lmkernels.attention_varlen), positions restart at 0, and the first token of a document is "
+                "not predicted from the previous one (false: windows run across document boundaries)"})
     # optimization
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-step per data-parallel rank"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per iteration (per rank)"})

@@ -5,6 +5,7 @@ through BucketedDataParallel's no_sync), the global gradient norm clipped across
 one FusedAdamW step, learning rate from linear warm-up then cosine decay. Every eval_interval:
 train/val loss and perplexity, and a checkpoint. Batches and dropout seeds are pure functions
 of (seed, rank, iteration), so a resumed run repeats the uninterrupted run's losses exactly.
+With pack_documents each batch carries its document layout (PackedDocuments) to the model.
 """
 import datetime
 import math
@@ -202,7 +203,8 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
     waits.at("the barrier after local rank 0 tokenizes the data")
     if not local_main:
         ckpt_lib._barrier()
-    data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, cfg.data_cache or None, verbose=mesh.is_main)
+    data = prepare_data(cfg.data, cfg.tokenizer, cfg.val_fraction, cfg.data_cache or None, verbose=mesh.is_main,
+                        doc_separator=cfg.doc_separator)
     if local_main:
         ckpt_lib._barrier()
 
@@ -261,7 +263,15 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
     peak = cfg.peak_flops or peak_flops_per_device(device, dtype)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=mesh.is_main, truncate=cfg.init_from == "scratch")
     say(f"training {cfg.max_iters} iterations of {tokens_per_iter:,} tokens "
-        f"(batch {cfg.batch_size} x {block_size} x accumulation {cfg.gradient_accumulation_steps} x dp {mesh.dp_size})")
+        f"(batch {cfg.batch_size} x {block_size} x accumulation {cfg.gradient_accumulation_steps} x dp {mesh.dp_size})"
+        + (", documents packed" if cfg.pack_documents else ""))
+
+    def batch_on_device(split: str, *position, evaluation: bool = False):
+        """(x, y, model keyword arguments) on this rank's device: the packing layout when packed."""
+        get = sampler.eval_batch if evaluation else sampler.get_batch
+        x, y, *packing = get(split, *position, packed=cfg.pack_documents)
+        kwargs = dict(packing=packing[0].to(device, non_blocking=True)) if packing else {}
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), kwargs
 
     last_saved = resume_path  # the newest checkpoint known good
 
@@ -279,9 +289,9 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         for split in ("train", "val"):
             total = torch.zeros((), device=device)
             for k in range(cfg.eval_iters):
-                x, y = sampler.eval_batch(split, k)
+                x, y, kwargs = batch_on_device(split, k, evaluation=True)
                 with autocast:
-                    _, loss = model(x.to(device), y.to(device))
+                    _, loss = model(x, y, **kwargs)
                 total += loss.float()
             out[split] = mean_over_dp(total / cfg.eval_iters)
         model.train()
@@ -337,13 +347,12 @@ def _train(cfg: TrainConfig, mesh, device, waits: WaitTracker) -> list:
         waits.at(f"forward and backward of iteration {it} (TP all-reduces, DP gradient all-reduce)")
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            x, y = sampler.get_batch("train", it, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y, kwargs = batch_on_device("train", it, micro)
             last = micro == cfg.gradient_accumulation_steps - 1
             sync = nullcontext() if last or ddp_model is model else ddp_model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = forward(x, y)
+                    _, loss = forward(x, y, **kwargs)
                     loss = loss / cfg.gradient_accumulation_steps
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
