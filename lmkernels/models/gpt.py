@@ -188,8 +188,8 @@ class GPT(CausalLM):
                 and self.lm_head.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
     def forward(self, idx, targets=None, packing=None):
-        """Training (targets given): (None, mean loss) through the fused linear cross-entropy,
-        or (logits, loss) through the criterion once TP has made it vocab-parallel.
+        """Training (targets given): (None, mean loss) through the fused linear cross-entropy
+        (vocab-parallel under TP), or (logits, loss) through a swapped-in criterion.
         Inference: (logits of the last position (B, 1, V), None). packing: see hidden_states."""
         x = self.hidden_states(idx, packing)
         if targets is None:  # inference: only the last position is needed
