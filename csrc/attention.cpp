@@ -51,6 +51,33 @@ void check_window_and_softcap(const char* op, int64_t window_left, int64_t windo
                     ": softcap must be a finite number >= 0 (0: off); got ", softcap);
 }
 
+void check_bwd_tensors(const char* op, const at::Tensor& query, const at::Tensor& grad_out,
+                       const at::Tensor& out, const at::Tensor& lse,
+                       const std::optional<at::Tensor>& grad_lse,
+                       const std::vector<int64_t>& lse_shape, const char* lse_shape_name) {
+  const std::pair<const char*, const at::Tensor*> like_query[] = {
+      {"grad_out", &grad_out}, {"out", &out}};
+  for (const auto& [name, t] : like_query) {
+    TORCH_CHECK_VALUE(t->sizes() == query.sizes(), op, ": ", name, " must have query's shape ",
+                      query.sizes(), "; got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), op, ": ", name,
+                     " must have query's dtype ", query.scalar_type(), "; got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
+                      " but query is on ", query.device());
+  }
+  std::pair<const char*, const at::Tensor*> stats[] = {{"lse", &lse}, {"grad_lse", nullptr}};
+  if (grad_lse) stats[1].second = &*grad_lse;
+  for (const auto& [name, t] : stats) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->sizes() == lse_shape && t->scalar_type() == at::kFloat, op, ": ", name,
+                      " must be float32 of shape ", lse_shape_name, at::IntArrayRef(lse_shape),
+                      "; got ", t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
+                      " but query is on ", query.device());
+  }
+}
+
 void check_attention_args(const char* op, const at::Tensor& query, const at::Tensor& key,
                           const at::Tensor& value, int64_t window_left, int64_t window_right,
                           double softcap) {
@@ -71,28 +98,8 @@ void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tensor& quer
                               int64_t window_right, double softcap) {
   const char* op = "attention_bwd";
   check_attention_args(op, query, key, value, window_left, window_right, softcap);
-  const std::pair<const char*, const at::Tensor*> like_query[] = {
-      {"grad_out", &grad_out}, {"out", &out}};
-  for (const auto& [name, t] : like_query) {
-    TORCH_CHECK_VALUE(t->sizes() == query.sizes(), op, ": ", name, " must have query's shape ",
-                      query.sizes(), "; got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), op, ": ", name,
-                     " must have query's dtype ", query.scalar_type(), "; got ",
-                     t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
-                      " but query is on ", query.device());
-  }
-  const std::vector<int64_t> lse_shape{query.size(0), query.size(1), query.size(2)};
-  std::pair<const char*, const at::Tensor*> stats[] = {{"lse", &lse}, {"grad_lse", nullptr}};
-  if (grad_lse) stats[1].second = &*grad_lse;
-  for (const auto& [name, t] : stats) {
-    if (t == nullptr) continue;
-    TORCH_CHECK_VALUE(t->sizes() == lse_shape && t->scalar_type() == at::kFloat, op, ": ", name,
-                      " must be float32 of shape ", at::IntArrayRef(lse_shape), "; got ", t->scalar_type(), " ",
-                      t->sizes());
-    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
-                      " but query is on ", query.device());
-  }
+  check_bwd_tensors(op, query, grad_out, out, lse, grad_lse,
+                    {query.size(0), query.size(1), query.size(2)}, "");
 }
 
 }  // namespace lmk

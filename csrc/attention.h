@@ -43,6 +43,12 @@ void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tensor& quer
 void check_qkv(const char* op, const at::Tensor& query, const at::Tensor& key,
                const at::Tensor& value, int64_t dims, const char* shape);
 // Window sides >= -1, softcap finite and >= 0.
+// Backward's grad_out and out (query's shape, dtype, device) and lse / grad_lse (float32 of
+// lse_shape; lse_shape_name prefixes the shape in the message).
+void check_bwd_tensors(const char* op, const at::Tensor& query, const at::Tensor& grad_out,
+                       const at::Tensor& out, const at::Tensor& lse,
+                       const std::optional<at::Tensor>& grad_lse,
+                       const std::vector<int64_t>& lse_shape, const char* lse_shape_name);
 void check_window_and_softcap(const char* op, int64_t window_left, int64_t window_right,
                               double softcap);
 

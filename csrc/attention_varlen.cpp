@@ -80,28 +80,8 @@ VarlenBounds check_attention_varlen_bwd_args(
   const char* op = "attention_varlen_bwd";
   // Shapes and dtypes first: they are cheap; the cu_seqlens values come last.
   check_qkv(op, query, key, value, 3, "(total, H, D)");
-  const std::pair<const char*, const at::Tensor*> like_query[] = {
-      {"grad_out", &grad_out}, {"out", &out}};
-  for (const auto& [name, t] : like_query) {
-    TORCH_CHECK_VALUE(t->sizes() == query.sizes(), op, ": ", name, " must have query's shape ",
-                      query.sizes(), "; got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), op, ": ", name,
-                     " must have query's dtype ", query.scalar_type(), "; got ",
-                     t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
-                      " but query is on ", query.device());
-  }
-  const std::vector<int64_t> lse_shape{query.size(1), query.size(0)};
-  std::pair<const char*, const at::Tensor*> stats[] = {{"lse", &lse}, {"grad_lse", nullptr}};
-  if (grad_lse) stats[1].second = &*grad_lse;
-  for (const auto& [name, t] : stats) {
-    if (t == nullptr) continue;
-    TORCH_CHECK_VALUE(t->sizes() == lse_shape && t->scalar_type() == at::kFloat, op, ": ", name,
-                      " must be float32 of shape (H, total_q) = ", at::IntArrayRef(lse_shape), "; got ",
-                      t->scalar_type(), " ", t->sizes());
-    TORCH_CHECK_VALUE(t->device() == query.device(), op, ": ", name, " is on ", t->device(),
-                      " but query is on ", query.device());
-  }
+  check_bwd_tensors(op, query, grad_out, out, lse, grad_lse, {query.size(1), query.size(0)},
+                    "(H, total_q) = ");
   return check_attention_varlen_args(op, query, key, value, cu_seqlens_q, cu_seqlens_k,
                                      max_seqlen_q, max_seqlen_k, window_left, window_right,
                                      softcap);

@@ -11,29 +11,10 @@
 namespace lmk {
 namespace {
 
-// The core reads rows of D contiguous elements at any row and head stride.
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-AttnProblem dense_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          double scale, bool is_causal, int64_t window_left,
-                          int64_t window_right, double softcap) {
-  AttnProblem p;
-  const int64_t B = q.size(0), T = q.size(2), S = k.size(2);
-  for (int64_t b = 0; b < B; ++b) p.seqs.push_back({b, 0, 0, T, S});
-  p.H = q.size(1);
-  p.Hkv = k.size(1);
-  p.D = q.size(3);
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
-  p.is_causal = is_causal;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.q = dense_layout(q);
-  p.k = dense_layout(k);
-  p.v = dense_layout(v);
-  return p;
+std::vector<AttnSeq> equal_sequences(const at::Tensor& q, const at::Tensor& k) {
+  std::vector<AttnSeq> seqs;
+  for (int64_t b = 0; b < q.size(0); ++b) seqs.push_back({b, 0, 0, q.size(2), k.size(2)});
+  return seqs;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_op(const at::Tensor& query,
@@ -44,15 +25,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_op(const at::Tensor& query,
                                                         std::string_view backend) {
   check_cpu_backend("attention_fwd", backend, "lmkernels.triton.attention.attention_fwd");
   check_attention_args("attention_fwd", query, key, value, window_left, window_right, softcap);
-  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-                   v = last_dim_contiguous(value);
-  AttnProblem p = dense_problem(q, k, v, scale, is_causal, window_left, window_right, softcap);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  p.out = dense_layout(out);
-  p.lse = dense_layout(lse);
-  attention_fwd_core(p, q, k, v, out, lse);
-  return {out, lse};
+  AttnProblem p = attention_problem(equal_sequences(query, key), query.size(1), key.size(1),
+                                    query.size(3), scale, is_causal, window_left, window_right,
+                                    softcap);
+  return attention_fwd_cpu(std::move(p), dense_layout, query, key, value,
+                           {query.size(0), query.size(1), query.size(2)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu_op(
@@ -63,24 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu_op(
   check_cpu_backend("attention_bwd", backend, "lmkernels.triton.attention.attention_bwd");
   check_attention_bwd_args(grad_out, query, key, value, out, lse, grad_lse, window_left,
                            window_right, softcap);
-  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-                   v = last_dim_contiguous(value), g = last_dim_contiguous(grad_out);
-  // out is not read: delta = dO . O is recomputed as sum_j P dP from the tiles (see the core).
-  // lse and grad_lse share one layout: both contiguous.
-  const at::Tensor l = lse.contiguous();
-  std::optional<at::Tensor> gl;
-  if (grad_lse) gl = grad_lse->contiguous();
-  AttnProblem p = dense_problem(q, k, v, scale, is_causal, window_left, window_right, softcap);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  p.lse = dense_layout(l);
-  p.grad_out = dense_layout(g);
-  p.dq = dense_layout(dq);
-  p.dk = dense_layout(dk);
-  p.dv = dense_layout(dv);
-  attention_bwd_core(p, g, q, k, v, l, gl, dq, dk, dv);
-  return {dq, dk, dv};
+  AttnProblem p = attention_problem(equal_sequences(query, key), query.size(1), key.size(1),
+                                    query.size(3), scale, is_causal, window_left, window_right,
+                                    softcap);
+  return attention_bwd_cpu(std::move(p), dense_layout, grad_out, query, key, value, lse, grad_lse);
 }
 
 }  // namespace

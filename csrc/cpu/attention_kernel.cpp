@@ -505,8 +505,6 @@ void dispatch_float_types(at::ScalarType t, Fn&& fn) {
   }
 }
 
-}  // namespace
-
 void attention_fwd_core(const AttnProblem& p, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, at::Tensor& out, at::Tensor& lse) {
   dispatch_float_types(q.scalar_type(), [&](auto tag) {
@@ -527,6 +525,71 @@ void attention_bwd_core(const AttnProblem& p, const at::Tensor& grad_out, const 
                   grad_lse ? grad_lse->const_data_ptr<float>() : nullptr, dq.data_ptr<T>(),
                   dk.data_ptr<T>(), dv.data_ptr<T>());
   });
+}
+
+// The core reads rows of D contiguous elements at any row and head stride.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+}  // namespace
+
+AttnProblem attention_problem(std::vector<AttnSeq> seqs, int64_t H, int64_t Hkv, int64_t D,
+                              double scale, bool is_causal, int64_t window_left,
+                              int64_t window_right, double softcap) {
+  AttnProblem p;
+  p.seqs = std::move(seqs);
+  p.H = H;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.is_causal = is_causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(AttnProblem p, LayoutOf layout,
+                                                     const at::Tensor& query,
+                                                     const at::Tensor& key,
+                                                     const at::Tensor& value,
+                                                     at::IntArrayRef lse_shape) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
+                   v = last_dim_contiguous(value);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
+  p.q = layout(q);
+  p.k = layout(k);
+  p.v = layout(v);
+  p.out = layout(out);
+  p.lse = layout(lse);
+  attention_fwd_core(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    AttnProblem p, LayoutOf layout, const at::Tensor& grad_out, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
+                   v = last_dim_contiguous(value), g = last_dim_contiguous(grad_out);
+  const at::Tensor l = lse.contiguous();  // lse and grad_lse share one layout: both contiguous
+  std::optional<at::Tensor> gl;
+  if (grad_lse) gl = grad_lse->contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  p.q = layout(q);
+  p.k = layout(k);
+  p.v = layout(v);
+  p.lse = layout(l);
+  p.grad_out = layout(g);
+  p.dq = layout(dq);
+  p.dk = layout(dk);
+  p.dv = layout(dv);
+  attention_bwd_core(p, g, q, k, v, l, gl, dq, dk, dv);
+  return {dq, dk, dv};
 }
 
 }  // namespace lmk

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace lmk {
@@ -49,15 +50,28 @@ struct AttnProblem {
   RowLayout grad_out, dq, dk, dv;  // backward only
 };
 
-// out and lse must be allocated (any layout described by the problem). Raises on dtypes the
-// core does not handle (checked before by the ops).
-void attention_fwd_core(const AttnProblem& p, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, at::Tensor& out, at::Tensor& lse);
+// The problem's scalars and sequences; the tensor layouts are set by the runs below.
+AttnProblem attention_problem(std::vector<AttnSeq> seqs, int64_t H, int64_t Hkv, int64_t D,
+                              double scale, bool is_causal, int64_t window_left,
+                              int64_t window_right, double softcap);
 
-// Every element of dq, dk, dv (layouts p.dq, p.dk, p.dv) is written: allocate them empty.
-void attention_bwd_core(const AttnProblem& p, const at::Tensor& grad_out, const at::Tensor& q,
-                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                        const std::optional<at::Tensor>& grad_lse, at::Tensor& dq,
-                        at::Tensor& dk, at::Tensor& dv);
+// How an op's tensors map onto RowLayout: dense_layout or packed_layout.
+using LayoutOf = RowLayout (*)(const at::Tensor&);
+
+// Forward: query/key/value are read where they lie (only a non-contiguous last dim is copied);
+// returns (out like query, lse float32 of lse_shape). Raises on dtypes the core does not handle
+// (checked before by the ops).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(AttnProblem p, LayoutOf layout,
+                                                     const at::Tensor& query,
+                                                     const at::Tensor& key,
+                                                     const at::Tensor& value,
+                                                     at::IntArrayRef lse_shape);
+
+// Backward: returns (dq, dk, dv) shaped like query, key, value. out is not read: delta = dO . O
+// is recomputed as sum_j P dP from the tiles.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    AttnProblem p, LayoutOf layout, const at::Tensor& grad_out, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse);
 
 }  // namespace lmk

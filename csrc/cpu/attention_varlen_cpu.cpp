@@ -11,30 +11,13 @@
 namespace lmk {
 namespace {
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-AttnProblem packed_problem(const VarlenBounds& bounds, const at::Tensor& q, const at::Tensor& k,
-                           const at::Tensor& v, double scale, bool is_causal,
-                           int64_t window_left, int64_t window_right, double softcap) {
-  AttnProblem p;
+std::vector<AttnSeq> packed_sequences(const VarlenBounds& bounds) {
   const auto& cq = bounds.cu_q;
   const auto& ck = bounds.cu_k;
+  std::vector<AttnSeq> seqs;
   for (size_t b = 0; b + 1 < cq.size(); ++b)
-    p.seqs.push_back({0, cq[b], ck[b], cq[b + 1] - cq[b], ck[b + 1] - ck[b]});
-  p.H = q.size(1);
-  p.Hkv = k.size(1);
-  p.D = q.size(2);
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
-  p.is_causal = is_causal;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.q = packed_layout(q);
-  p.k = packed_layout(k);
-  p.v = packed_layout(v);
-  return p;
+    seqs.push_back({0, cq[b], ck[b], cq[b + 1] - cq[b], ck[b + 1] - ck[b]});
+  return seqs;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu_op(
@@ -47,16 +30,11 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu_op(
   const VarlenBounds bounds =
       check_attention_varlen_args(op, query, key, value, cu_seqlens_q, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k, window_left, window_right, softcap);
-  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-                   v = last_dim_contiguous(value);
-  AttnProblem p = packed_problem(bounds, q, k, v, scale, is_causal, window_left, window_right,
-                                 softcap);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  p.out = packed_layout(out);
-  p.lse = packed_layout(lse);
-  attention_fwd_core(p, q, k, v, out, lse);
-  return {out, lse};
+  AttnProblem p = attention_problem(packed_sequences(bounds), query.size(1), key.size(1),
+                                    query.size(2), scale, is_causal, window_left, window_right,
+                                    softcap);
+  return attention_fwd_cpu(std::move(p), packed_layout, query, key, value,
+                           {query.size(1), query.size(0)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu_op(
@@ -71,23 +49,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu_op(
   const VarlenBounds bounds = check_attention_varlen_bwd_args(
       grad_out, query, key, value, out, lse, grad_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
       max_seqlen_k, window_left, window_right, softcap);
-  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key),
-                   v = last_dim_contiguous(value), g = last_dim_contiguous(grad_out);
-  const at::Tensor l = lse.contiguous();  // lse and grad_lse share one layout
-  std::optional<at::Tensor> gl;
-  if (grad_lse) gl = grad_lse->contiguous();
-  AttnProblem p = packed_problem(bounds, q, k, v, scale, is_causal, window_left, window_right,
-                                 softcap);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  p.lse = packed_layout(l);
-  p.grad_out = packed_layout(g);
-  p.dq = packed_layout(dq);
-  p.dk = packed_layout(dk);
-  p.dv = packed_layout(dv);
-  attention_bwd_core(p, g, q, k, v, l, gl, dq, dk, dv);
-  return {dq, dk, dv};
+  AttnProblem p = attention_problem(packed_sequences(bounds), query.size(1), key.size(1),
+                                    query.size(2), scale, is_causal, window_left, window_right,
+                                    softcap);
+  return attention_bwd_cpu(std::move(p), packed_layout, grad_out, query, key, value, lse,
+                           grad_lse);
 }
 
 }  // namespace
