@@ -34,18 +34,25 @@ from lmkernels.triton import attention as triton_attention
 
 
 # ---------------------------------------------------------------- fakes (shapes for tracing)
-def _check_shapes(op, query, key, value):
+def check_qkv_shapes(op, query, key, value, axes):
+    """The fakes' mirror of check_qkv (csrc/attention.cpp): query/key/value of the layout `axes`
+    (e.g. "(B, H, T, D)"), heads on axis 1 and the head dim last, shared by the dense and varlen ops."""
+    dims = axes.count(",") + 1
     for name, t in (("query", query), ("key", key), ("value", value)):
-        torch._check_value(t.dim() == 4, lambda: f"{op}: {name} must be 4-D (B, H, T, D); got shape {tuple(t.shape)}")
+        torch._check_value(t.dim() == dims, lambda: f"{op}: {name} must be {dims}-D {axes}; got shape {tuple(t.shape)}")
         torch._check_type(t.dtype == query.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
         torch._check_value(t.device == query.device, lambda: f"{op}: {name} is on {t.device} but query is on {query.device}")
-    for d in range(4):
+    for d in range(dims):
         torch._check_value(key.shape[d] == value.shape[d], lambda: (
             f"{op}: key and value must have one shape; got {tuple(key.shape)} and {tuple(value.shape)}"))
-    torch._check_value(key.shape[0] == query.shape[0], lambda: f"{op}: key batch {key.shape[0]} differs from query batch {query.shape[0]}")
-    torch._check_value(key.shape[3] == query.shape[3], lambda: f"{op}: key head dim {key.shape[3]} differs from query head dim {query.shape[3]}")
+    torch._check_value(key.shape[-1] == query.shape[-1], lambda: f"{op}: key head dim {key.shape[-1]} differs from query head dim {query.shape[-1]}")
     torch._check_value(query.shape[1] % key.shape[1] == 0, lambda: (
         f"{op}: query heads H={query.shape[1]} must be a multiple of key/value heads Hkv={key.shape[1]}"))
+
+
+def _check_shapes(op, query, key, value):
+    check_qkv_shapes(op, query, key, value, "(B, H, T, D)")
+    torch._check_value(key.shape[0] == query.shape[0], lambda: f"{op}: key batch {key.shape[0]} differs from query batch {query.shape[0]}")
 
 
 @torch.library.register_fake("lmkernels::attention_fwd")

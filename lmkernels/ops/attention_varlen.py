@@ -28,23 +28,14 @@ import torch
 
 from lmkernels._extension import load_extension
 from lmkernels.ops._common import BackendTable
-from lmkernels.ops.attention import check_tensors, double_backward, scale_value, softcap_value, window_bounds
+from lmkernels.ops.attention import check_qkv_shapes, check_tensors, double_backward, scale_value, softcap_value, window_bounds
 from lmkernels.reference.attention_varlen import attention_varlen_reference
 from lmkernels.triton import attention as triton_attention
 
 
 # ---------------------------------------------------------------- fakes (shapes for tracing)
 def _check_shapes(op, query, key, value, cu_seqlens_q, cu_seqlens_k):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        torch._check_value(t.dim() == 3, lambda: f"{op}: {name} must be 3-D (total, H, D); got shape {tuple(t.shape)}")
-        torch._check_type(t.dtype == query.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
-        torch._check_value(t.device == query.device, lambda: f"{op}: {name} is on {t.device} but query is on {query.device}")
-    for d in range(3):
-        torch._check_value(key.shape[d] == value.shape[d], lambda: (
-            f"{op}: key and value must have one shape; got {tuple(key.shape)} and {tuple(value.shape)}"))
-    torch._check_value(key.shape[2] == query.shape[2], lambda: f"{op}: key head dim {key.shape[2]} differs from query head dim {query.shape[2]}")
-    torch._check_value(query.shape[1] % key.shape[1] == 0, lambda: (
-        f"{op}: query heads H={query.shape[1]} must be a multiple of key/value heads Hkv={key.shape[1]}"))
+    check_qkv_shapes(op, query, key, value, "(total, H, D)")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         torch._check_type(cu.dtype == torch.int32, lambda: f"{op}: {name} must be int32; got {cu.dtype}")
         torch._check_value(cu.dim() == 1, lambda: f"{op}: {name} must be a 1-D tensor (B + 1,); got shape {tuple(cu.shape)}")
