@@ -26,3 +26,11 @@ def streaming_bandwidth(n_bytes: int = 256 * 2**20, reps: int = 10) -> float:
     x = torch.ones(n_bytes // 4)
     t = alternate({"mul_": lambda: x.mul_(1.0000001)}, reps)["mul_"]
     return 2 * n_bytes / t
+
+
+def report(md: str, path=None) -> None:
+    """Prints a benchmark's markdown, and writes it to `path` too when given (--write)."""
+    print(md)
+    if path:
+        with open(path, "w") as f:
+            f.write(md)

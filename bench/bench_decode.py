@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from bench._timing import alternate
+from bench._timing import alternate, report
 from bench.bench_adamw import cpu_model
 from lmkernels.train import TrainConfig
 from lmkernels.train.models import build_model, model_args_from_config
@@ -81,10 +81,7 @@ def main():
           f"{args.reps} alternating rounds.\n\n{table(results)}\n\nPast block_size both variants run the same "
           f"full-window forward per token (lmkernels/models/_causal_lm.py), so with block_size 64 the cache "
           f"speeds up only the first 63 of the 500 tokens; with a 512-token context all 500 come from the cache.\n")
-    print(md)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(md)
+    report(md, args.write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench._timing import alternate
+from bench._timing import alternate, report
 from lmkernels.train import TrainConfig, train
 from lmkernels.train.data import BatchSampler, prepare_data
 from lmkernels.train.metrics import read_metrics
@@ -119,10 +119,7 @@ def main():
           f"threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus (byte tokenizer, one "
           f"document per file); {args.rounds} alternating rounds of {args.iters} iterations each.\n\n"
           f"{table(result)}\n")
-    print(md)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(md)
+    report(md, args.write)
 
 
 if __name__ == "__main__":

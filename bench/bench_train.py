@@ -36,6 +36,7 @@ import torch
 from torch.profiler import profile
 
 import lmkernels
+from bench._timing import report
 from lmkernels.train import TrainConfig, train
 from lmkernels.train.data import BatchSampler, prepare_data
 from lmkernels.distributed import tp_utils
@@ -248,10 +249,7 @@ def main():
     md = (f"## Trainer tokens/s, CPU, model={args.model}\n\n{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; config {CONFIG}, fp32, default corpus "
           f"(byte tokenizer); {args.rounds} alternating rounds of {args.iters} iterations each.\n\n{table(result)}\n")
-    print(md)
-    if args.write:
-        with open(args.write, "w") as f:
-            f.write(md)
+    report(md, args.write)
 
 
 # ---- pytest-benchmark: one training iteration each --------------------------------------------
